@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up visprune on a fresh machine: torch (only if missing), then the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch==2.13.0 is the CPU build here; never let an install step pull a newer (CUDA) torch.
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+# --no-build-isolation: the build uses the installed torch instead of fetching another one.
+"$PY" -m pip install -q --no-build-isolation -e ".[test]"

@@ -1,0 +1,84 @@
+"""Which backend runs an op: availability, the default for a device, the ``VISPRUNE_BACKEND`` override.
+
+Each backend is a module exposing ``mi_scores``, ``greedy_select``, ``gather_compact`` and ``prune``
+with the positional signatures of :mod:`visprune.reference`.  An explicitly requested backend
+that cannot run raises ``RuntimeError`` naming what is missing; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton is a dependency
+        return False, f"triton is not importable ({e})"
+    if device is not None and device.type == "cpu" and not _interpreting():
+        return False, ("triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                       "imported to run its kernels on CPU tensors")
+    if device is None and not (torch.cuda.is_available() or _interpreting()):
+        return False, "no CUDA device and TRITON_INTERPRET is not set"
+    return True, "ok"
+
+
+def _extension_status(name: str, device: Optional[torch.device]) -> Tuple[bool, str]:
+    try:
+        ext = importlib.import_module("visprune._C")
+    except ImportError as e:
+        return False, f"the compiled extension visprune._C is not built ({e})"
+    has = getattr(ext, f"has_{name}", lambda: False)()
+    if not has:
+        return False, f"visprune._C was built without its {name.upper()} kernels"
+    if device is not None and device.type != name:
+        return False, f"the {name!r} backend runs on {name} tensors, got tensors on {device}"
+    return True, "ok"
+
+
+def backend_status(name: str, device: Optional[torch.device] = None) -> Tuple[bool, str]:
+    """``(available, reason)`` of backend ``name`` for tensors on ``device`` (None: any)."""
+    if name == "reference":
+        return True, "ok"
+    if name == "triton":
+        return _triton_status(device)
+    if name in ("cuda", "cpu"):
+        return _extension_status(name, device)
+    raise ValueError(f"backend must be one of {(None,) + BACKENDS}, got {name!r}")
+
+
+def available_backends(device: Optional[torch.device] = None) -> Dict[str, str]:
+    """Map each backend name to ``"ok"`` or the reason it cannot run (on ``device`` if given)."""
+    return {name: backend_status(name, device)[1] for name in BACKENDS}
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest backend available for tensors on ``device``, unless ``VISPRUNE_BACKEND`` says."""
+    forced = os.environ.get("VISPRUNE_BACKEND")
+    if forced:
+        return forced
+    if device.type == "cuda":
+        return "triton" if backend_status("triton", device)[0] else "reference"
+    return "cpu" if backend_status("cpu", device)[0] else "reference"
+
+
+_MODULES = {"reference": "visprune.reference", "triton": "visprune.triton_kernels"}
+
+
+def resolve(backend: Optional[str], device: torch.device) -> ModuleType:
+    """The module that runs the op for tensors on ``device``; raises if it cannot."""
+    name = default_backend(device) if backend is None else backend
+    ok, why = backend_status(name, device)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return importlib.import_module(_MODULES.get(name, "visprune._C"))

@@ -1,0 +1,180 @@
+"""Plain-PyTorch reference of every visprune op: the ground truth for tests.
+
+Readable first: every op is written the way the method describes it, with an explicit
+``[B, N, N]`` distance matrix and one Python iteration per greedy step (vectorised over the
+batch).  Arguments are assumed to be validated by :mod:`visprune.ops`.
+
+Numerical conventions shared by every backend (see ``README.md``):
+
+* arithmetic in float32, whatever the input dtype; fp32 matrix products are true fp32 (no TF32);
+* ``cos(a, b) = a·b / (max(|a|, eps) · max(|b|, eps))`` with ``eps = 1e-12`` (``F.normalize``),
+  so a zero vector has cosine 0 with everything;
+* a pairwise distance is clamped to ``[0, +inf]``: rounding can make ``1 - cos`` of two equal
+  tokens slightly negative, and a NaN distance (from NaN/Inf tokens) counts as 0;
+* every top-k / argmax breaks ties toward the lowest index.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+class PruneResult(NamedTuple):
+    """Output of :func:`prune` and of the methods.
+
+    ``tokens[B, L, D]``: the kept (or merged) tokens; ``indices[B, L]`` int64: their input
+    positions (-1 for a synthesised token or padding); ``lengths[B]`` int64: valid rows per item.
+    """
+
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    lengths: torch.Tensor
+
+
+@contextlib.contextmanager
+def _true_fp32():
+    """Selection is discrete and TF32 rounding flips choices: force IEEE fp32 products."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1, eps=EPS)
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the last dim of ``values[B, N, M]`` restricted to ``mask[B, M]``."""
+    if mask is None:
+        return values.mean(-1)
+    w = mask.to(values.dtype)[:, None, :]
+    return (values * w).sum(-1) / w.sum(-1)
+
+
+def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+              metric: str = "l2") -> torch.Tensor:
+    """Text–visual alignment score of each visual token, ``float32[B, N]``; higher = better.
+
+    ``l2``: ``-(1/M_b) Σ_j ||v_i - t_j||²``; ``cosine``: ``(1/M_b) Σ_j cos(v_i, t_j)``, the mean
+    over the valid text tokens ``j`` of row ``b``.
+    """
+    with _true_fp32():
+        if metric == "cosine":
+            sim = _normalize(visual) @ _normalize(text).transpose(1, 2)          # [B, N, M]
+            return _masked_mean(sim, text_mask)
+        v, t = visual.float(), text.float()
+        sq = (v * v).sum(-1, keepdim=True) - 2 * v @ t.transpose(1, 2) + (t * t).sum(-1)[:, None, :]
+        return -_masked_mean(sq, text_mask)
+
+
+def pairwise_distance(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """``float32[B, N, N]`` distances: ``1 - cos`` or squared L2, clamped to ``[0, inf]``."""
+    with _true_fp32():
+        if metric == "cosine":
+            xn = _normalize(x)
+            d = 1.0 - xn @ xn.transpose(1, 2)
+        else:
+            xf = x.float()
+            sq = (xf * xf).sum(-1)
+            d = sq[:, :, None] + sq[:, None, :] - 2.0 * xf @ xf.transpose(1, 2)
+    return torch.where(d > 0, d, torch.zeros_like(d))      # also maps NaN to 0
+
+
+def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: str = "cosine",
+                  mask: Optional[torch.Tensor] = None, start: Union[str, int] = "auto") -> torch.Tensor:
+    """Incremental greedy diverse subset, ``int64[B, k]`` in selection order.
+
+    ``maxmin``: next = ``argmax_{i∉S} min_{s∈S} d(i, s)``; ``maxsum``: ``argmax_{i∉S} Σ_{s∈S} d(i, s)``.
+    ``start="auto"``: maxmin starts at ``argmax_i min_{j≠i} d(i, j)`` (the most isolated
+    candidate; ``+inf`` when it is the only one), maxsum at ``argmax_i Σ_j d(i, j)`` (``j`` over the
+    candidates, ``d(i, i)`` included as computed, i.e. ~0).  An int starts every row there.
+    """
+    B, N, _ = x.shape
+    out = torch.empty(B, k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return out
+    dist = pairwise_distance(x, metric)
+    cand = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask.clone()
+    neg_inf = torch.tensor(-math.inf, device=x.device)
+    rows = torch.arange(B, device=x.device)
+
+    if isinstance(start, int):
+        s = torch.full((B,), start, dtype=torch.long, device=x.device)
+    else:
+        pair = cand[:, :, None] & cand[:, None, :]
+        if objective == "maxmin":
+            eye = torch.eye(N, dtype=torch.bool, device=x.device)
+            key = dist.masked_fill(~pair | eye, math.inf).min(-1).values
+        else:
+            key = dist.masked_fill(~pair, 0.0).sum(-1)
+        s = torch.where(cand, key, neg_inf).argmax(-1)
+
+    # Running min / sum of d(i, S) over the selected set; distances are >= 0, never NaN.
+    run = torch.full((B, N), math.inf if objective == "maxmin" else 0.0, device=x.device)
+    for t in range(k):
+        out[:, t] = s
+        cand[rows, s] = False
+        d_s = dist[rows, s]                                              # [B, N]
+        run = torch.minimum(run, d_s) if objective == "maxmin" else run + d_s
+        if t + 1 < k:
+            s = torch.where(cand, run, neg_inf).argmax(-1)
+    return out
+
+
+def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None,
+                   mask: Optional[torch.Tensor] = None, sort: bool = True):
+    """Gather the kept rows: ``(tokens[B, K, D], indices[B, K] int64)``.
+
+    With ``mask[B, N]`` the kept rows are the True ones, in order.  With ``index[B, K]`` they are
+    those positions, ascending when ``sort`` else in the given order.
+    """
+    if mask is not None:
+        B = mask.shape[0]
+        index = mask.nonzero()[:, 1].reshape(B, -1)
+    else:
+        index = index.long()
+        if sort:
+            index = index.sort(-1).values
+    tokens = torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+    return tokens, index
+
+
+def stage1_count(n: int, stage1_keep: Union[int, float]) -> int:
+    """Stage-1 survivors: an int as is; a float fraction of ``n`` rounded half up."""
+    if isinstance(stage1_keep, float):
+        return int(math.floor(stage1_keep * n + 0.5))
+    return int(stage1_keep)
+
+
+def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
+    # NaN / -inf scores of candidates rank after every real score but before non-candidates.
+    lowest = torch.finfo(torch.float32).min
+    key = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest)
+    if mask is not None:
+        key = key.masked_fill(~mask, -math.inf)
+    order = key.sort(-1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(key, dtype=torch.bool).scatter_(1, order, True)
+
+
+def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Union[int, float] = 0.8,
+          text_mask: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+          mi_metric: str = "l2", objective: str = "maxsum", metric: str = "cosine") -> PruneResult:
+    """TrimTokenator: keep the ``stage1_keep`` tokens best aligned with the text (``mi_scores``),
+    then the ``keep`` most diverse of those (``greedy_select``), compacted in original order."""
+    B, N, _ = visual.shape
+    n1 = stage1_count(N, stage1_keep)
+    survivors = topk_mask(mi_scores(visual, text, text_mask, mi_metric), n1, mask)
+    chosen = greedy_select(visual, keep, objective=objective, metric=metric, mask=survivors)
+    tokens, indices = gather_compact(visual, chosen, sort=True)
+    lengths = torch.full((B,), keep, dtype=torch.long, device=visual.device)
+    return PruneResult(tokens, indices, lengths)
