@@ -162,7 +162,7 @@ def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None)
     key = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest)
     if mask is not None:
         key = key.masked_fill(~mask, -math.inf)
-    order = key.sort(-1, descending=True, stable=True).indices[:, :k]
+    order = key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
     return torch.zeros_like(key, dtype=torch.bool).scatter_(1, order, True)
 
 

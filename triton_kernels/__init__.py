@@ -1,0 +1,1 @@
+"""Triton kernels of visprune (installed as ``visprune.triton_kernels``)."""
