@@ -1,0 +1,291 @@
+"""Incremental greedy diverse selection (farthest point / max-sum) with Triton.
+
+The greedy loop is sequential in ``k`` but each step is an O(N) update of a running vector
+``run_i = min_s d(i, s)`` (maxmin) or ``Σ_s d(i, s)`` (maxsum) followed by one argmax; the
+distances are never recomputed from scratch.  Two paths:
+
+* ``gram`` (N <= GRAM_MAX_N): ``_dist_tile_kernel`` writes the ``[N, N]`` distance matrix once
+  with tensor-core ``tl.dot`` tiles (true fp32 for fp32 inputs) and, in the same pass, the
+  per-row partial reductions the start rule needs; ``_greedy_gram_kernel`` then runs all ``k``
+  steps in one program per row with ``run`` held in registers, reading one distance row a step.
+  Rows are processed in batch chunks so the workspace stays under GRAM_BUDGET_BYTES.
+* ``stream`` (large N): no N² buffer.  The start rule's row reductions come from the same tile
+  kernel without the store; each step is one launch of ``_greedy_step_kernel`` over blocks of
+  N that computes ``d(i, s)`` on the fly from the tokens, updates ``run`` in memory and writes
+  one (max, argmax) partial per block; the next launch reduces those partials to find ``s``.
+
+Ties go to the lowest index everywhere (argmax with left tie-break; across blocks the largest
+value, then the smallest index).  Excluded tokens (non-candidates, already selected) carry
+``-inf``; live ones carry a value >= 0 (distances are clamped), so argmax always finds a live
+candidate while one remains, whatever NaN/Inf the input holds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .mi_scores import token_stats
+from .utils import MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, dot_precision, warps
+
+GRAM_MAX_N = 4096                  # the in-register running vector of one program
+GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
+STREAM_SPLITS = 16                 # programs per row block in the start pass of the stream path
+
+
+@triton.jit
+def _distance(dot, n_i, n_j, METRIC: tl.constexpr):
+    """``1 - cos`` from ``x_i·x_j`` and inverse norms, or ``||x_i||² + ||x_j||² - 2 x_i·x_j``."""
+    if METRIC == 0:
+        d = 1.0 - dot * n_i * n_j
+    else:
+        d = n_i + n_j - 2.0 * dot
+    return clamp_distance(d)
+
+
+@triton.jit
+def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, part_ptr,
+                      N, D, num_splits,
+                      METRIC: tl.constexpr, OBJ: tl.constexpr, HAS_MASK: tl.constexpr,
+                      STORE: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program ``(b, row block, split)``: distances of the row block to every ``BLOCK_N`` column
+    block ``split, split + num_splits, ...``; optionally stored to ``dist[b]``, and reduced over
+    the candidate columns into ``part[b, split, rows]``: ``min_{j≠i} d`` (maxmin) or ``Σ_j d``
+    (maxsum), the start rule's per-row key."""
+    b = tl.program_id(0).to(tl.int64)
+    o_i = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    m_i = o_i < N
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = x_ptr + b * sx_b
+    n_i = tl.load(norm_ptr + b * N + o_i, mask=m_i, other=0.0)
+    if OBJ == 0:
+        red = tl.full([BLOCK_M], float("inf"), tl.float32)
+    else:
+        red = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for jb in range(split, tl.cdiv(N, BLOCK_N), num_splits):
+        o_j = jb * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_j = o_j < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_d = (d0 + o_d) < D
+            b_a = tl.load(p_x + o_i[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+                          mask=m_i[:, None] & m_d[None, :], other=0.0)
+            b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+                          mask=m_j[:, None] & m_d[None, :], other=0.0)
+            acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision=PRECISION)
+        n_j = tl.load(norm_ptr + b * N + o_j, mask=m_j, other=0.0)
+        d = _distance(acc, n_i[:, None], n_j[None, :], METRIC)
+        if STORE:
+            tl.store(dist_ptr + b * N * N + o_i[:, None] * N + o_j[None, :], d,
+                     mask=m_i[:, None] & m_j[None, :])
+        use = m_j
+        if HAS_MASK:
+            use = use & (tl.load(cand_ptr + b * N + o_j, mask=m_j, other=0) != 0)
+        if OBJ == 0:
+            use2 = use[None, :] & (o_i[:, None] != o_j[None, :])
+            red = tl.minimum(red, tl.min(tl.where(use2, d, float("inf")), axis=1))
+        else:
+            red += tl.sum(tl.where(use[None, :], d, 0.0), axis=1)
+    tl.store(part_ptr + (b * num_splits + split) * N + o_i, red, mask=m_i)
+
+
+@triton.jit
+def _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
+               OBJ: tl.constexpr, HAS_MASK: tl.constexpr, AUTO: tl.constexpr, BLOCK: tl.constexpr):
+    """The start rule's key of tokens ``o_n`` (``-inf`` where excluded) and their liveness."""
+    alive = m_n
+    if HAS_MASK:
+        alive = alive & (tl.load(cand_ptr + b * N + o_n, mask=m_n, other=0) != 0)
+    if AUTO:
+        if OBJ == 0:
+            key = tl.full([BLOCK], float("inf"), tl.float32)
+        else:
+            key = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in range(0, num_splits):
+            part = tl.load(part_ptr + (b * num_splits + p) * N + o_n, mask=m_n, other=0.0)
+            if OBJ == 0:
+                key = tl.minimum(key, part)
+            else:
+                key += part
+        key = tl.where(alive, key, float("-inf"))
+    else:
+        key = tl.where(o_n == start, 0.0, float("-inf"))
+    return key, alive
+
+
+@triton.jit
+def _greedy_gram_kernel(dist_ptr, cand_ptr, part_ptr, out_ptr, N, k, num_splits, start,
+                        OBJ: tl.constexpr, HAS_MASK: tl.constexpr, AUTO: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """One program per row: all ``k`` greedy steps over a stored distance matrix."""
+    b = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BLOCK)
+    m_n = o_n < N
+    key, alive = _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
+                            OBJ, HAS_MASK, AUTO, BLOCK)
+    if OBJ == 0:
+        run = tl.full([BLOCK], float("inf"), tl.float32)
+    else:
+        run = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(0, k):
+        s = tl.argmax(key, axis=0, tie_break_left=True)
+        tl.store(out_ptr + b * k + t, s.to(tl.int64))
+        alive = alive & (o_n != s)
+        row = tl.load(dist_ptr + b * N * N + s.to(tl.int64) * N + o_n, mask=m_n, other=0.0)
+        if OBJ == 0:
+            run = tl.minimum(run, row)
+        else:
+            run += row
+        key = tl.where(alive, run, float("-inf"))
+
+
+@triton.jit
+def _block_partial(key, base, pval_ptr, pidx_ptr, slot):
+    """Store the block's (max, first argmax as a global index) at ``slot``."""
+    val, idx = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(pval_ptr + slot, val)
+    tl.store(pidx_ptr + slot, (base + idx).to(tl.int32))
+
+
+@triton.jit
+def _greedy_init_kernel(part_ptr, cand_ptr, run_ptr, pval_ptr, pidx_ptr, N, num_splits, start,
+                        num_blocks, OBJ: tl.constexpr, HAS_MASK: tl.constexpr,
+                        AUTO: tl.constexpr, BLOCK: tl.constexpr):
+    """Stream path: the running vector's initial state and the start rule's block partials."""
+    b = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1)
+    o_n = pb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_n = o_n < N
+    key, alive = _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
+                            OBJ, HAS_MASK, AUTO, BLOCK)
+    init = float("inf") if OBJ == 0 else 0.0
+    tl.store(run_ptr + b * N + o_n, tl.where(alive, init, float("-inf")), mask=m_n)
+    # Slot 1 is the "previous" slot of step 0.
+    _block_partial(key, pb * BLOCK, pval_ptr, pidx_ptr, (tl.num_programs(0) + b) * num_blocks + pb)
+
+
+@triton.jit
+def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pidx_ptr, out_ptr,
+                        N, D, k, t, num_blocks,
+                        METRIC: tl.constexpr, OBJ: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS_P2: tl.constexpr):
+    """Stream path, step ``t``: reduce step ``t-1``'s block partials to the chosen ``s``, record
+    it, then (unless it was the last) fold ``d(·, s)`` into ``run`` and write this step's partials.
+    Partials alternate between two slots so a launch never reads what it writes."""
+    b = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1)
+    B = tl.num_programs(0)
+    prev = ((t + 1) % 2 * B + b) * num_blocks
+    o_p = tl.arange(0, BLOCKS_P2)
+    vals = tl.load(pval_ptr + prev + o_p, mask=o_p < num_blocks, other=float("-inf"))
+    idxs = tl.load(pidx_ptr + prev + o_p, mask=o_p < num_blocks, other=2147483647)
+    s = tl.min(tl.where(vals == tl.max(vals, axis=0), idxs, 2147483647), axis=0).to(tl.int64)
+    if pb == 0:
+        tl.store(out_ptr + b * k + t, s)
+    if t + 1 < k:
+        o_n = pb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m_n = o_n < N
+        o_d = tl.arange(0, BLOCK_D)
+        p_x = x_ptr + b * sx_b
+        dot = tl.zeros([BLOCK], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_d = (d0 + o_d) < D
+            b_s = tl.load(p_x + s * sx_n + (d0 + o_d) * sx_d, mask=m_d, other=0.0).to(tl.float32)
+            b_x = tl.load(p_x + o_n[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+                          mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            dot += tl.sum(b_x * b_s[None, :], axis=1)
+        n_i = tl.load(norm_ptr + b * N + o_n, mask=m_n, other=0.0)
+        d = _distance(dot, n_i, tl.load(norm_ptr + b * N + s), METRIC)
+        run = tl.load(run_ptr + b * N + o_n, mask=m_n, other=float("-inf"))
+        if OBJ == 0:
+            new = tl.minimum(run, d)
+        else:
+            new = run + d
+        run = tl.where((run == float("-inf")) | (o_n == s), float("-inf"), new)
+        tl.store(run_ptr + b * N + o_n, run, mask=m_n)
+        _block_partial(run, pb * BLOCK, pval_ptr, pidx_ptr, ((t % 2) * B + b) * num_blocks + pb)
+
+
+def _start_pass(x, norms, cand, part, dist, metric, objective, num_splits, BLOCK_M, BLOCK_N):
+    B, N, D = x.shape
+    BLOCK_D = block(D, 16, 64 if x.dtype == torch.float32 else 128)
+    grid = (B, triton.cdiv(N, BLOCK_M), num_splits)
+    _dist_tile_kernel[grid](
+        x, *x.stride(), norms, cand if cand is not None else norms,
+        dist if dist is not None else norms, part, N, D, num_splits,
+        METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], HAS_MASK=cand is not None,
+        STORE=dist is not None, PRECISION=dot_precision(x.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+
+
+def _select_gram(x, k, objective, metric, cand, start, norms, out):
+    B, N, _ = x.shape
+    BLOCK_T = 64 if N > 32 else 16
+    num_splits = triton.cdiv(N, BLOCK_T)
+    BLOCK = block(N)
+    chunk = max(1, GRAM_BUDGET_BYTES // (N * N * 4))
+    for b0 in range(0, B, chunk):
+        sl = slice(b0, min(B, b0 + chunk))
+        xb, nb, cb = x[sl], norms[sl], cand[sl] if cand is not None else None
+        nB = xb.shape[0]
+        dist = torch.empty(nB, N, N, dtype=torch.float32, device=x.device)
+        part = torch.empty(nB, num_splits, N, dtype=torch.float32, device=x.device)
+        _start_pass(xb, nb, cb, part, dist, metric, objective, num_splits, BLOCK_T, BLOCK_T)
+        _greedy_gram_kernel[(nB,)](
+            dist, cb if cb is not None else nb, part, out[sl], N, k, num_splits,
+            start if isinstance(start, int) else 0, OBJ=OBJECTIVES[objective],
+            HAS_MASK=cb is not None, AUTO=not isinstance(start, int), BLOCK=BLOCK,
+            num_warps=warps(BLOCK))
+
+
+def _select_stream(x, k, objective, metric, cand, start, norms, out):
+    B, N, D = x.shape
+    dev = x.device
+    auto = not isinstance(start, int)
+    num_splits = STREAM_SPLITS if auto else 1
+    part = torch.empty(B, num_splits, N, dtype=torch.float32, device=dev)
+    if auto:
+        BLOCK_T = 64 if N > 32 else 16
+        _start_pass(x, norms, cand, part, None, metric, objective, num_splits, BLOCK_T, BLOCK_T)
+    BLOCK = block(N, 16, 1024)
+    BLOCK_D = block(D, 16, max(16, 8192 // BLOCK))
+    num_blocks = triton.cdiv(N, BLOCK)
+    run = torch.empty(B, N, dtype=torch.float32, device=dev)
+    pval = torch.empty(2, B, num_blocks, dtype=torch.float32, device=dev)
+    pidx = torch.empty(2, B, num_blocks, dtype=torch.int32, device=dev)
+    cand_arg = cand if cand is not None else norms
+    _greedy_init_kernel[(B, num_blocks)](
+        part, cand_arg, run, pval, pidx, N, num_splits, start if not auto else 0, num_blocks,
+        OBJ=OBJECTIVES[objective], HAS_MASK=cand is not None, AUTO=auto, BLOCK=BLOCK,
+        num_warps=warps(BLOCK))
+    for t in range(k):
+        _greedy_step_kernel[(B, num_blocks)](
+            x, *x.stride(), norms, run, pval, pidx, out, N, D, k, t, num_blocks,
+            METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], BLOCK=BLOCK, BLOCK_D=BLOCK_D,
+            BLOCKS_P2=block(num_blocks, 1), num_warps=warps(BLOCK * BLOCK_D))
+
+
+def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: str = "cosine",
+                  mask: Optional[torch.Tensor] = None, start: Union[str, int] = "auto",
+                  norms: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
+    """``int64[B, k]`` greedy selection; see :func:`visprune.reference.greedy_select`.
+
+    ``norms`` (``float32[B, N]``: ``1/max(||x||, eps)`` for cosine, ``||x||²`` for l2) may come
+    from a pass that already read ``x``; ``path`` forces ``"gram"`` or ``"stream"``.
+    """
+    B, N, _ = x.shape
+    out = torch.empty(B, k, dtype=torch.long, device=x.device)
+    if k == 0 or B == 0:
+        return out
+    if norms is None:
+        _, norms = token_stats(x, norm=metric)
+    cand = mask.to(torch.int8).contiguous() if mask is not None else None
+    if path == "auto":
+        path = "gram" if N <= GRAM_MAX_N else "stream"
+    select = _select_gram if path == "gram" else _select_stream
+    select(x, k, objective, metric, cand, start, norms, out)
+    return out

@@ -1,0 +1,33 @@
+"""The fused TrimTokenator pipeline.
+
+Visual tokens are read from memory by three kernels: one pass of ``_token_stats_kernel`` gives
+both the MI scores (stage 1) and the norms of the greedy distances (stage 2); the distance
+tiles of stage 2 read them again (tensor-core Gram tiles, re-read from L2); the final gather
+reads only the kept rows.  Stage 2 runs on the survivors in place (a candidate mask), so the
+survivors are never compacted, and ties keep meaning "lowest original index".
+"""
+from __future__ import annotations
+
+from visprune.reference import PruneResult, topk_mask
+
+import torch
+
+from .gather import gather_rows
+from .greedy import greedy_select
+from .mi_scores import text_summary, token_stats
+
+
+def prune(visual, text, keep, stage1_keep, text_mask=None, mask=None, mi_metric="l2",
+          objective="maxsum", metric="cosine") -> PruneResult:
+    """See :func:`visprune.reference.prune`; ``stage1_keep`` is the survivor count."""
+    B, N, D = visual.shape
+    lengths = torch.full((B,), keep, dtype=torch.long, device=visual.device)
+    if B == 0 or keep == 0:
+        empty = torch.empty(B, 0, dtype=torch.long, device=visual.device)
+        return PruneResult(visual.new_empty(B, 0, D), empty, lengths)
+    scores, norms = token_stats(visual, text_summary(text, text_mask, mi_metric),
+                                score_metric=mi_metric, norm=metric)
+    survivors = topk_mask(scores, stage1_keep, mask)
+    chosen = greedy_select(visual, keep, objective, metric, survivors, "auto", norms=norms)
+    indices = chosen.sort(dim=-1).values
+    return PruneResult(gather_rows(visual, indices), indices, lengths)

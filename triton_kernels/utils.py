@@ -1,0 +1,35 @@
+"""Shared launch helpers: block sizes, warps, dtype rules."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12     # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
+
+# Selection and objective codes passed as constexprs.
+COSINE, L2 = 0, 1
+MAXMIN, MAXSUM = 0, 1
+METRICS = {"cosine": COSINE, "l2": L2}
+OBJECTIVES = {"maxmin": MAXMIN, "maxsum": MAXSUM}
+
+
+def block(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
+    """Next power of two of ``n`` clamped to ``[lo, hi]`` (tl.dot needs dims >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def warps(block_elems: int) -> int:
+    """Warps for a program that holds ``block_elems`` values per live tensor."""
+    return max(1, min(16, block_elems // 512))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots must be true fp32: TF32 rounding flips discrete choices."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def clamp_distance(d):
+    """Distances are >= 0: rounding can make them slightly negative; NaN counts as 0."""
+    return tl.where(d > 0, d, 0.0)
