@@ -1,7 +1,6 @@
-"""Shared launch helpers: block sizes, warps, dtype rules."""
+"""Shared launch helpers and the constants the kernels agree on."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -22,11 +21,6 @@ def block(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
 def warps(block_elems: int) -> int:
     """Warps for a program that holds ``block_elems`` values per live tensor."""
     return max(1, min(16, block_elems // 512))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots must be true fp32: TF32 rounding flips discrete choices."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
