@@ -19,7 +19,7 @@ from .utils import block, warps
 def _mask_positions_kernel(mask_ptr, idx_ptr, N, K, BLOCK_N: tl.constexpr):
     """One program per row: ``idx[b, c] = position of the c-th True`` (exclusive prefix sum)."""
     b = tl.program_id(0).to(tl.int64)
-    base = 0
+    base = tl.full([], 0, tl.int32)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         keep = tl.load(mask_ptr + b * N + o_n, mask=o_n < N, other=0).to(tl.int32)
