@@ -81,8 +81,9 @@ def mi_scores_literal(visual: torch.Tensor, text: torch.Tensor,
     B, N, _ = v.shape
     out = torch.empty(B, N, dtype=torch.float64)
     for b in range(B):
-        valid = range(t.shape[1]) if text_mask is None else text_mask[b].nonzero().flatten().tolist()
-        tb = t[b, list(valid)]                                           # [M_b, D]
+        valid = (list(range(t.shape[1])) if text_mask is None
+                 else text_mask[b].nonzero().flatten().tolist())
+        tb = t[b, valid]                                                 # [M_b, D]
         if metric == "l2":
             per_pair = ((v[b][:, None, :] - tb[None, :, :]) ** 2).sum(-1)      # [N, M_b]
             out[b] = -per_pair.mean(-1)

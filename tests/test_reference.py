@@ -46,7 +46,8 @@ def test_mi_scores_hand_computed_l2_and_cosine_with_zero_text_token_and_padding(
 def test_mi_scores_default_metric_is_l2():
     v, t = randn((2, 5, 4), 1), randn((2, 3, 4), 2)
     torch.testing.assert_close(ops.mi_scores(v, t, **REF), ops.mi_scores(v, t, metric="l2", **REF))
-    assert not torch.allclose(ops.mi_scores(v, t, **REF), ops.mi_scores(v, t, metric="cosine", **REF))
+    cosine = ops.mi_scores(v, t, metric="cosine", **REF)
+    assert not torch.allclose(ops.mi_scores(v, t, **REF), cosine)
 
 
 def test_mi_scores_token_equal_to_the_only_text_token_scores_highest():
@@ -87,8 +88,6 @@ def test_mi_scores_padding_values_do_not_matter(metric):
                                                                metric=metric, **REF))
 
 
-@pytest.mark.xfail(strict=True, reason="reference bug: _masked_mean multiplies padded values by 0, "
-                   "so NaN/Inf in padded text tokens turns every score into NaN")
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_mi_scores_nonfinite_padding_is_excluded(bad):
     visual, text = randn((1, 4, 3), 30), randn((1, 3, 3), 31)
@@ -315,6 +314,44 @@ def test_greedy_nonfinite_inputs_give_unique_in_range_indices(objective, metric,
             assert len(set(row)) == k and all(0 <= i < N for i in row)
             if m is not None:
                 assert all(bool(m[b, i]) for i in row)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("start", ["auto", 4])
+def test_greedy_maxsum_nan_token_counts_as_distance_zero(metric, start):
+    """The reference's convention: a NaN distance counts as 0.  With maxsum a NaN token adds
+    nothing to any sum and its own sum stays 0, so it is picked last and the other picks are
+    exactly those made without it."""
+    B, N, D, bad = 2, 9, 4, 2
+    x = randn((B, N, D), 125)
+    x_nan = x.clone()
+    x_nan[:, bad, 0] = math.nan
+    got = ops.greedy_select(x_nan, N, objective="maxsum", metric=metric, start=start, **REF)
+    keep = [i for i in range(N) if i != bad]
+    start_wo = start if start == "auto" else keep.index(start)
+    without = ops.greedy_select(x[:, keep], N - 1, objective="maxsum", metric=metric,
+                                start=start_wo, **REF)
+    assert _rows(got) == [[keep[i] for i in row] + [bad] for row in without.tolist()]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_greedy_maxmin_nan_token_makes_every_start_key_zero(metric):
+    """d(i, nan) = 0 gives every token a nearest distance of 0: the auto start is the lowest
+    index; with an int start the NaN token (run 0) is picked last, the rest as without it."""
+    B, N, D, bad = 2, 8, 3, 5
+    x = randn((B, N, D), 126)
+    x_nan = x.clone()
+    x_nan[:, bad, 1] = math.nan
+    assert (ops.greedy_select(x_nan, 3, objective="maxmin", metric=metric, **REF)[:, 0] == 0).all()
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[:, 0] = False
+    first = ops.greedy_select(x_nan, 1, objective="maxmin", metric=metric, mask=mask, **REF)
+    assert _rows(first) == [[1], [1]]
+    got = ops.greedy_select(x_nan, N, objective="maxmin", metric=metric, start=3, **REF)
+    keep = [i for i in range(N) if i != bad]
+    without = ops.greedy_select(x[:, keep], N - 1, objective="maxmin", metric=metric,
+                                start=keep.index(3), **REF)
+    assert _rows(got) == [[keep[i] for i in row] + [bad] for row in without.tolist()]
 
 
 # =========================================================================== gather_compact

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .mi_scores import token_stats
-from .utils import METRICS, OBJECTIVES, block, clamp_distance, warps
+from .utils import METRICS, OBJECTIVES, block, clamp_distance, interpreting, warps
 
 GRAM_MAX_N = 4096                  # the in-register running vector of one program
 GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
@@ -49,7 +49,7 @@ def _distance(dot, n_i, n_j, METRIC: tl.constexpr):
 def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, part_ptr,
                       N, D, num_splits,
                       METRIC: tl.constexpr, OBJ: tl.constexpr, HAS_MASK: tl.constexpr,
-                      STORE: tl.constexpr,
+                      STORE: tl.constexpr, INTERPRETED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program ``(b, row block, split)``: distances of the row block to every ``BLOCK_N`` column
     block ``split, split + num_splits, ...``; optionally stored to ``dist[b]``, and reduced over
@@ -76,8 +76,15 @@ def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, par
                           mask=m_i[:, None] & m_d[None, :], other=0.0)
             b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
                           mask=m_j[:, None] & m_d[None, :], other=0.0)
-            # True fp32 for fp32 tokens (TF32 flips choices); fp16/bf16 use the tensor cores.
-            acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
+            if INTERPRETED:
+                # The interpreter's tl.dot is a BLAS call whose rounding depends on a row's place
+                # in the tile, which would break exact ties between duplicate tokens; this sum
+                # rounds every (i, j) alike, as the GPU's matrix instructions do.
+                acc += tl.sum(b_a.to(tl.float32)[:, None, :] * b_b.to(tl.float32)[None, :, :],
+                              axis=2)
+            else:
+                # True fp32 for fp32 tokens (TF32 flips choices); fp16/bf16 use the tensor cores.
+                acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
         n_j = tl.load(norm_ptr + b * N + o_j, mask=m_j, other=0.0)
         d = _distance(acc, n_i[:, None], n_j[None, :], METRIC)
         if STORE:
@@ -219,7 +226,7 @@ def _start_pass(x, norms, cand, part, dist, metric, objective, num_splits, BLOCK
         x, *x.stride(), norms, cand if cand is not None else norms,
         dist if dist is not None else norms, part, N, D, num_splits,
         METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], HAS_MASK=cand is not None,
-        STORE=dist is not None,
+        STORE=dist is not None, INTERPRETED=interpreting(),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from visprune.backends import interpreting  # noqa: F401  (re-exported for the launchers)
+
 EPS = 1e-12     # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
 
 # Selection and objective codes passed as constexprs.

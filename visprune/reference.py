@@ -56,8 +56,9 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
     """Mean over the last dim of ``values[B, N, M]`` restricted to ``mask[B, M]``."""
     if mask is None:
         return values.mean(-1)
-    w = mask.to(values.dtype)[:, None, :]
-    return (values * w).sum(-1) / w.sum(-1)
+    keep = mask[:, None, :]
+    # masked_fill, not a 0/1 weight: a NaN/Inf in a padding token must not leak (NaN·0 = NaN).
+    return values.masked_fill(~keep, 0.0).sum(-1) / keep.sum(-1)
 
 
 def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
