@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
@@ -16,7 +17,8 @@ import torch
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -25,22 +27,24 @@ def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
         import triton  # noqa: F401
     except ImportError as e:  # pragma: no cover - triton is a dependency
         return False, f"triton is not importable ({e})"
-    if device is not None and device.type == "cpu" and not _interpreting():
+    if device is not None and device.type == "cpu" and not interpreting():
         return False, ("triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                        "imported to run its kernels on CPU tensors")
-    if device is None and not (torch.cuda.is_available() or _interpreting()):
+    if device is None and not (torch.cuda.is_available() or interpreting()):
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     return True, "ok"
 
 
 def _extension_status(name: str, device: Optional[torch.device]) -> Tuple[bool, str]:
-    try:
-        ext = importlib.import_module("visprune._C")
-    except ImportError as e:
-        return False, f"the compiled extension visprune._C is not built ({e})"
-    has = getattr(ext, f"has_{name}", lambda: False)()
-    if not has:
-        return False, f"visprune._C was built without its {name.upper()} kernels"
+    from . import _ext  # never raises: a missing extension is reported by IMPORT_ERROR
+
+    if _ext.IMPORT_ERROR is not None:
+        return False, (f"the compiled extension visprune._C is not built or does not load "
+                       f"({_ext.IMPORT_ERROR}); reinstall with a C++ compiler, without "
+                       f"VISPRUNE_NO_EXT=1")
+    if not (_ext.has_cuda() if name == "cuda" else _ext.has_cpu()):
+        return False, ("visprune._C was built without its CUDA kernels (needs a CUDA build of "
+                       "torch and the CUDA toolkit at build time, or VISPRUNE_FORCE_CUDA=1)")
     if device is not None and device.type != name:
         return False, f"the {name!r} backend runs on {name} tensors, got tensors on {device}"
     return True, "ok"
@@ -72,13 +76,23 @@ def default_backend(device: torch.device) -> str:
     return "cpu" if backend_status("cpu", device)[0] else "reference"
 
 
-_MODULES = {"reference": "visprune.reference", "triton": "visprune.triton_kernels"}
+_MODULES = {"reference": "visprune.reference", "triton": "visprune.triton_kernels",
+            "cpu": "visprune._ext", "cuda": "visprune._ext"}
 
 
-def resolve(backend: Optional[str], device: torch.device) -> ModuleType:
-    """The module that runs the op for tensors on ``device``; raises if it cannot."""
+def checked_name(backend: Optional[str], device: torch.device) -> str:
+    """The backend that runs an op for tensors on ``device``; raises if it cannot run."""
     name = default_backend(device) if backend is None else backend
     ok, why = backend_status(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
-    return importlib.import_module(_MODULES.get(name, "visprune._C"))
+    return name
+
+
+def resolve(backend: Optional[str], device: torch.device) -> ModuleType:
+    """The module that runs the op for tensors on ``device``; raises if it cannot."""
+    name = checked_name(backend, device)
+    # Already imported by backend_status for the compiled backends; torch.compile traces a
+    # sys.modules look-up but not importlib.import_module.
+    module = sys.modules.get(_MODULES[name])
+    return module if module is not None else importlib.import_module(_MODULES[name])

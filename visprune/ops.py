@@ -7,6 +7,7 @@ the same indices; see :mod:`visprune.reference` for the exact math.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -17,6 +18,12 @@ from .reference import PruneResult, stage1_count
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "PruneResult"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _eager() -> bool:
+    """False while torch.compile traces: checks that read tensor values would break the graph,
+    so they are skipped there (the compiled kernels repeat them and raise the same errors)."""
+    return not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -53,9 +60,18 @@ def _choice(name: str, value, options) -> None:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
+def _int(name: str, value) -> int:
+    """``value`` as a Python int (NumPy and 0-d integer tensors included, bool excluded)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
 def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = _int(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
@@ -63,7 +79,7 @@ def _count(name: str, value) -> int:
 
 def _candidates(mask: Optional[torch.Tensor], n: int) -> int:
     """The smallest number of candidate tokens in any row."""
-    if mask is None or mask.shape[0] == 0:
+    if mask is None or mask.shape[0] == 0 or not _eager():
         return n
     return int(mask.sum(-1).min())
 
@@ -79,15 +95,17 @@ def _check_select(x, k, objective, metric, mask, start, xname="x"):
     if k > avail:
         raise ValueError(f"k={k} is larger than the number of candidate tokens "
                          f"({avail}{' in the sparsest mask row' if mask is not None else ''})")
-    if isinstance(start, bool) or not isinstance(start, (int, str)) or (isinstance(start, str)
-                                                                         and start != "auto"):
-        raise ValueError(f"start must be 'auto' or an int index in [0, {N}), got {start!r}")
-    if isinstance(start, int):
+    if not (isinstance(start, str) and start == "auto"):
+        try:
+            start = _int("start", start)
+        except TypeError:
+            raise ValueError(f"start must be 'auto' or an int index in [0, {N}), "
+                             f"got {start!r}") from None
         if not 0 <= start < N:
             raise ValueError(f"start={start} is out of range for N={N}")
-        if mask is not None and k > 0 and not bool(mask[:, start].all()):
+        if mask is not None and k > 0 and _eager() and not bool(mask[:, start].all()):
             raise ValueError(f"start={start} is not a candidate (mask is False there) in every row")
-    return mask
+    return k, mask, start
 
 
 def _check_text(visual, text, text_mask, metric, metric_name=None):
@@ -102,7 +120,7 @@ def _check_text(visual, text, text_mask, metric, metric_name=None):
     _same_device("visual", visual, "text", text)
     _choice("metric" if metric_name is None else metric_name, metric, ("l2", "cosine"))
     text_mask = _bool_mask("text_mask", text_mask, "visual", visual, (B, text.shape[1]), "[B, M]")
-    if text_mask is not None and B > 0:
+    if text_mask is not None and B > 0 and _eager():
         empty = (~text_mask.any(-1)).nonzero().flatten()
         if len(empty):
             raise ValueError(f"text_mask has no True entry in row(s) {empty.tolist()}: "
@@ -141,7 +159,7 @@ def greedy_select(x: torch.Tensor, k: int, *, objective: str = "maxmin", metric:
             int index used for every row.
         backend: see the module docstring.
     """
-    mask = _check_select(x, k, objective, metric, mask, start)
+    k, mask, start = _check_select(x, k, objective, metric, mask, start)
     return resolve(backend, x.device).greedy_select(x, k, objective, metric, mask, start)
 
 
@@ -161,7 +179,7 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
     if mask is not None:
         _bool_mask("mask", mask, "x", x, (B, N), "[B, N]")
         counts = mask.sum(-1)
-        if B > 0 and bool((counts != counts[0]).any()):
+        if B > 0 and _eager() and bool((counts != counts[0]).any()):
             raise ValueError(f"mask rows keep different counts {counts.tolist()}; "
                              f"every row must keep the same number of tokens")
     else:
@@ -173,7 +191,7 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
         if index.shape[0] != B:
             raise ValueError(f"index must have shape [B, K] with B={B}, got {tuple(index.shape)}")
         _same_device("x", x, "index", index)
-        if index.numel():
+        if index.numel() and _eager():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= N:
                 raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {N})")
@@ -197,13 +215,17 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, *,
     text_mask = _check_text(visual, text, text_mask, mi_metric, "mi_metric")
     B, N, _ = visual.shape
     keep = _count("keep", keep)
-    if isinstance(stage1_keep, bool) or not isinstance(stage1_keep, (int, float)):
-        raise TypeError(f"stage1_keep must be an int count or a float fraction, "
-                        f"got {type(stage1_keep).__name__}")
-    if isinstance(stage1_keep, float) and not 0.0 < stage1_keep <= 1.0:
-        raise ValueError(f"stage1_keep as a fraction must be in (0, 1], got {stage1_keep}")
+    if isinstance(stage1_keep, float):
+        if not 0.0 < stage1_keep <= 1.0:
+            raise ValueError(f"stage1_keep as a fraction must be in (0, 1], got {stage1_keep}")
+    else:
+        try:
+            stage1_keep = _int("stage1_keep", stage1_keep)
+        except TypeError:
+            raise TypeError(f"stage1_keep must be an int count or a float fraction, "
+                            f"got {type(stage1_keep).__name__}") from None
     n1 = stage1_count(N, stage1_keep)
-    mask = _check_select(visual, 0, objective, metric, mask, "auto", xname="visual")
+    _, mask, _ = _check_select(visual, 0, objective, metric, mask, "auto", xname="visual")
     avail = _candidates(mask, N)
     if not keep <= n1 <= avail:
         raise ValueError(f"need keep <= stage1_keep <= {'candidates' if mask is not None else 'N'}, "

@@ -156,15 +156,21 @@ def stage1_count(n: int, stage1_keep: Union[int, float]) -> int:
     return int(stage1_keep)
 
 
-def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
-    # NaN / -inf scores of candidates rank after every real score but before non-candidates.
+def descending_order(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``int64[..., N]``: positions by descending score, ties → lowest index (a stable sort;
+    ``torch.topk`` does not promise it).  NaN and ``-inf`` rank after every real score, and
+    positions where ``mask`` is False after those."""
     lowest = torch.finfo(torch.float32).min
     key = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest)
     if mask is not None:
         key = key.masked_fill(~mask, -math.inf)
-    order = key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros_like(key, dtype=torch.bool).scatter_(1, order, True)
+    return key.sort(dim=-1, descending=True, stable=True).indices
+
+
+def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
+    order = descending_order(scores, mask)[:, :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
 
 
 def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Union[int, float] = 0.8,
