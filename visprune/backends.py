@@ -43,8 +43,9 @@ def _extension_status(name: str, device: Optional[torch.device]) -> Tuple[bool, 
                        f"({_ext.IMPORT_ERROR}); reinstall with a C++ compiler, without "
                        f"VISPRUNE_NO_EXT=1")
     if not (_ext.has_cuda() if name == "cuda" else _ext.has_cpu()):
-        return False, ("visprune._C was built without its CUDA kernels (needs a CUDA build of "
-                       "torch and the CUDA toolkit at build time, or VISPRUNE_FORCE_CUDA=1)")
+        hint = (" (needs a CUDA build of torch and the CUDA toolkit at build time, or "
+                "VISPRUNE_FORCE_CUDA=1)") if name == "cuda" else ""
+        return False, f"visprune._C was built without its {name.upper()} kernels{hint}"
     if device is not None and device.type != name:
         return False, f"the {name!r} backend runs on {name} tensors, got tensors on {device}"
     return True, "ok"

@@ -1,0 +1,721 @@
+// CPU kernels of visprune: mi_scores, greedy_select, gather_compact and the fused prune.
+//
+// Same results as visprune/reference.py with less work:
+// * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
+//   running min / sum per candidate and take one argmax per step, all in C++;
+// * the maxmin start (min over j != i of d(i, j)) needs every pair: it runs over the upper
+//   triangle only (GEMM-style 6×16 register tiles) and keeps the distances for the steps;
+// * the maxsum start and mi_scores are linear in a per-row summary (Σ x̂_j, x̄, t̄): N·D work;
+// * work is split over batch rows when there are enough of them, otherwise within a row
+//   (at::parallel_for, so both cores are busy at batch size 1).
+//
+// Exact ties must stay exact (bitwise-identical tokens are picked in index order), so each kind
+// of distance goes through one routine whose result depends only on the two tokens, never on
+// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start.
+// Inputs are converted to fp32 and normalised with the same ATen ops as the reference
+// (prepare_tokens), so zero, huge and non-finite tokens behave the same.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VISPRUNE_X86 1
+#endif
+
+#include "../visprune.h"
+
+namespace visprune {
+namespace cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// --------------------------------------------------------------------------- canonical dots
+// out[r*C + c] = a[r]·b[c] over D floats: lane l accumulates d = 8m + l for increasing m, then
+// the lanes are added in the fixed tree of lane_sum, then the D % 8 tail in order.  The AVX2
+// path uses FMA and the portable path mul+add; one of them is chosen per process, so values are
+// consistent within a run.
+constexpr int kLanes = 8;
+
+inline float lane_sum(const float* v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+template <int R, int C>
+void dot_tile_portable(const float* const* a, const float* const* b, int64_t D, float* out) {
+  float acc[R][C][kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c)
+        for (int l = 0; l < kLanes; ++l) acc[r][c][l] += a[r][d + l] * b[c][d + l];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = lane_sum(acc[r][c]);
+      for (int64_t e = d; e < D; ++e) s += a[r][e] * b[c][e];
+      out[r * C + c] = s;
+    }
+}
+
+#ifdef VISPRUNE_X86
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// lane_sum's tree on a register: (l0+l4, l1+l5, l2+l6, l3+l7), then (0+2, 1+3), then the two.
+__attribute__((target("avx2,fma"))) inline float lane_sum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+template <int R, int C>
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* const* a, const float* const* b,
+                                                       int64_t D, float* out) {
+  __m256 acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    __m256 vb[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) vb[c] = _mm256_loadu_ps(b[c] + d);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 va = _mm256_loadu_ps(a[r] + d);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(va, vb[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      float s = lane_sum_avx2(acc[r][c]);
+      for (int64_t e = d; e < D; ++e) s = std::fma(a[r][e], b[c][e], s);
+      out[r * C + c] = s;
+    }
+}
+#endif
+
+template <int R, int C>
+inline void dot_tile(const float* const* a, const float* const* b, int64_t D, float* out) {
+#ifdef VISPRUNE_X86
+  if (use_avx2()) return dot_tile_avx2<R, C>(a, b, D, out);
+#endif
+  dot_tile_portable<R, C>(a, b, D, out);
+}
+
+// --------------------------------------------------------------------------- Gram tiles
+// The maxmin start needs every pair, so it gets a GEMM-style kernel: out[r][j] = Σ_k a[r][k] ·
+// panel[k][j] over a 6-row × 16-column tile, k ascending, one multiply-add chain per entry (no
+// horizontal sums).  `panel` holds 16 tokens transposed ([D][16]), so each step loads two
+// vectors and broadcasts six scalars for twelve FMAs.  The entry of a pair does not depend on
+// where the pair sits in the tile, nor on the order of the two tokens: identical tokens get
+// identical distances here too.
+constexpr int kGramR = 6, kGramC = 16;
+
+void gram_tile_portable(const float* const* a, const float* panel, int64_t D, float* out) {
+  float acc[kGramR][kGramC] = {};
+  for (int64_t k = 0; k < D; ++k)
+    for (int r = 0; r < kGramR; ++r)
+      for (int j = 0; j < kGramC; ++j) acc[r][j] += a[r][k] * panel[k * kGramC + j];
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#ifdef VISPRUNE_X86
+__attribute__((target("avx2,fma"))) void gram_tile_avx2(const float* const* a, const float* panel,
+                                                        int64_t D, float* out) {
+  __m256 acc[kGramR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kGramR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < D; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kGramC), b1 = _mm256_loadu_ps(panel + k * kGramC + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < kGramR; ++r) {
+      const __m256 va = _mm256_broadcast_ss(a[r] + k);
+      acc[r][0] = _mm256_fmadd_ps(va, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(va, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kGramR; ++r) {
+    _mm256_storeu_ps(out + r * kGramC, acc[r][0]);
+    _mm256_storeu_ps(out + r * kGramC + 8, acc[r][1]);
+  }
+}
+#endif
+
+#ifdef VISPRUNE_X86
+// The distances of an interior Gram tile (every entry a candidate pair p < q), the same
+// arithmetic as Rows::dist, folded into the row minima rmin[0..6) and column minima cmin[0..16)
+// and, when `dist` is given, stored in its rows (leading dimension ld).  sq_r / sq_c: squared
+// norms of the rows and columns for l2, null for cosine.
+__attribute__((target("avx2,fma"))) void tile_distances_avx2(const float* g, const float* sq_r,
+                                                             const float* sq_c, float* rmin,
+                                                             float* cmin, float* dist, int64_t ld) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  __m256 cm[2] = {_mm256_loadu_ps(cmin), _mm256_loadu_ps(cmin + 8)};
+  for (int r = 0; r < kGramR; ++r) {
+    __m256 d[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dot = _mm256_loadu_ps(g + r * kGramC + 8 * h);
+      d[h] = sq_r == nullptr
+                 ? _mm256_sub_ps(one, dot)
+                 : _mm256_sub_ps(_mm256_add_ps(_mm256_set1_ps(sq_r[r]), _mm256_loadu_ps(sq_c + 8 * h)),
+                                 _mm256_mul_ps(two, dot));
+      d[h] = _mm256_and_ps(d[h], _mm256_cmp_ps(d[h], zero, _CMP_GT_OQ));  // d > 0 ? d : 0
+      cm[h] = _mm256_min_ps(cm[h], d[h]);
+      if (dist != nullptr) _mm256_storeu_ps(dist + r * ld + 8 * h, d[h]);
+    }
+    __m256 v = _mm256_min_ps(d[0], d[1]);
+    __m128 w = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    w = _mm_min_ps(w, _mm_movehl_ps(w, w));
+    w = _mm_min_ss(w, _mm_shuffle_ps(w, w, 1));
+    rmin[r] = std::min(rmin[r], _mm_cvtss_f32(w));
+  }
+  _mm256_storeu_ps(cmin, cm[0]);
+  _mm256_storeu_ps(cmin + 8, cm[1]);
+}
+#endif
+
+inline void gram_tile(const float* const* a, const float* panel, int64_t D, float* out) {
+#ifdef VISPRUNE_X86
+  if (use_avx2()) return gram_tile_avx2(a, panel, D, out);
+#endif
+  gram_tile_portable(a, panel, D, out);
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  float out;
+  dot_tile<1, 1>(&a, &b, D, &out);
+  return out;
+}
+
+// |a - b|² with the same lane structure as dot_tile.
+float sqdist_portable(const float* a, const float* b, int64_t D) {
+  float v[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int l = 0; l < 8; ++l) v[l] += (a[d + l] - b[d + l]) * (a[d + l] - b[d + l]);
+  float s = lane_sum(v);
+  for (; d < D; ++d) s += (a[d] - b[d]) * (a[d] - b[d]);
+  return s;
+}
+
+#ifdef VISPRUNE_X86
+__attribute__((target("avx2,fma"))) float sqdist_avx2(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d));
+    acc = _mm256_fmadd_ps(t, t, acc);
+  }
+  float s = lane_sum_avx2(acc);
+  for (; d < D; ++d) s = std::fma(a[d] - b[d], a[d] - b[d], s);
+  return s;
+}
+#endif
+
+inline float sqdist(const float* a, const float* b, int64_t D) {
+#ifdef VISPRUNE_X86
+  if (use_avx2()) return sqdist_avx2(a, b, D);
+#endif
+  return sqdist_portable(a, b, D);
+}
+
+// --------------------------------------------------------------------------- parallel helpers
+// Runs f(begin, end, slot) over [0, n): split over threads when `parallel`, else inline.  `slot`
+// indexes per-thread scratch (nslots(parallel) of them).
+inline int64_t nslots(bool parallel) { return parallel ? at::get_num_threads() : 1; }
+
+template <class F>
+void for_range(bool parallel, int64_t n, int64_t grain, const F& f) {
+  if (parallel) {
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { f(b, e, at::get_thread_num()); });
+  } else if (n > 0) {
+    f(0, n, 0);
+  }
+}
+
+// Batch rows in parallel when there are enough of them (each row then runs serially), else one
+// after another with the work inside each row split over the threads.
+template <class F>
+void for_batch(int64_t B, const F& f) {
+  if (B > 1 && B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) f(b, false);
+    });
+  } else {
+    for (int64_t b = 0; b < B; ++b) f(b, true);
+  }
+}
+
+// --------------------------------------------------------------------------- prepared tokens
+// One batch row of prepared tokens and its distance d(i, j), clamped like the reference's
+// where(d > 0, d, 0): rounding below 0 and NaN (from NaN/Inf tokens) both become 0.
+struct Rows {
+  const float* y;
+  const float* sq;  // l2 only
+  int64_t D;
+  Metric metric;
+
+  const float* row(int64_t i) const { return y + i * D; }
+  float dist(float dot_ij, int64_t i, int64_t j) const {
+    const float d = metric == Metric::kCosine ? 1.0f - dot_ij : (sq[i] + sq[j]) - 2.0f * dot_ij;
+    return d > 0.0f ? d : 0.0f;
+  }
+};
+
+Rows rows_of(const Prepared& p, int64_t b, Metric metric) {
+  const int64_t N = p.y.size(1), D = p.y.size(2);
+  return {p.y.data_ptr<float>() + b * N * D,
+          metric == Metric::kL2 ? p.sq.data_ptr<float>() + b * N : nullptr, D, metric};
+}
+
+// --------------------------------------------------------------------------- greedy selection
+// The argmax of one chunk: the largest value, the lowest position on ties.
+struct Best {
+  float v = -kInf;
+  int64_t p = -1;
+  void offer(float value, int64_t pos) {  // positions arrive in increasing order
+    if (value > v) v = value, p = pos;
+  }
+  void merge(const Best& o) {
+    if (o.p >= 0 && (o.v > v || (o.v == v && o.p < p))) *this = o;
+  }
+};
+
+constexpr int kStepCols = 8;  // rows per dot_tile<1, 8> call in a greedy step
+
+// Distances from token `s` to the tokens cand[pos[0..n)] (n <= kStepCols).
+void step_distances(const Rows& X, int64_t s, const int64_t* cand, const int64_t* pos, int n,
+                    float* d) {
+  const float* a = X.row(s);
+  const float* b[kStepCols];
+  for (int e = 0; e < kStepCols; ++e) b[e] = X.row(cand[pos[e < n ? e : n - 1]]);
+  float dots[kStepCols];
+  dot_tile<1, kStepCols>(&a, b, X.D, dots);
+  for (int e = 0; e < n; ++e) d[e] = X.dist(dots[e], s, cand[pos[e]]);
+}
+
+// maxmin's start key min_{j != i} d(i, j) over the candidates, for every candidate.  Each pair
+// p < q is computed once, in the column block of q (16 columns against the rows above them,
+// gram_tile); column blocks u and nb-1-u go to the same task so the triangle splits evenly.
+// When `dist` is not null it receives the upper triangle of the c×c distance matrix.
+std::vector<float> nearest_distances(const Rows& X, const std::vector<int64_t>& cand, bool parallel,
+                                     float* dist) {
+  const int64_t c = static_cast<int64_t>(cand.size()), D = X.D;
+  const int64_t nb = (c + kGramC - 1) / kGramC;
+  const int64_t slots = nslots(parallel);
+  std::vector<float> mins(static_cast<size_t>(slots * c), kInf);
+  std::vector<float> panels(static_cast<size_t>(slots * D * kGramC));
+
+  auto block = [&](int64_t cb, int64_t slot) {
+    float* m = mins.data() + slot * c;
+    float* panel = panels.data() + slot * D * kGramC;
+    const int64_t q0 = cb * kGramC, nq = std::min<int64_t>(kGramC, c - q0);
+    for (int64_t j = 0; j < kGramC; ++j) {  // missing columns repeat the last token
+      const float* src = X.row(cand[q0 + std::min(j, nq - 1)]);
+      for (int64_t k = 0; k < D; ++k) panel[k * kGramC + j] = src[k];
+    }
+    float g[kGramR * kGramC], sq_r[kGramR], sq_c[kGramC];
+    const bool l2 = X.metric == Metric::kL2;
+    if (l2)
+      for (int j = 0; j < kGramC; ++j) sq_c[j] = X.sq[cand[q0 + std::min<int64_t>(j, nq - 1)]];
+    for (int64_t p0 = 0; p0 < q0 + nq - 1; p0 += kGramR) {
+      const float* a[kGramR];
+      for (int r = 0; r < kGramR; ++r) {
+        const int64_t i = cand[std::min(p0 + r, c - 1)];
+        a[r] = X.row(i);
+        if (l2) sq_r[r] = X.sq[i];
+      }
+      gram_tile(a, panel, D, g);
+#ifdef VISPRUNE_X86
+      if (p0 + kGramR <= q0 && nq == kGramC && use_avx2()) {  // interior: every entry a pair
+        tile_distances_avx2(g, l2 ? sq_r : nullptr, sq_c, m + p0, m + q0,
+                            dist ? dist + p0 * c + q0 : nullptr, c);
+        continue;
+      }
+#endif
+      for (int r = 0; r < kGramR; ++r) {
+        const int64_t p = p0 + r;
+        if (p >= c) break;
+        float rm = m[p];
+        for (int64_t j = std::max<int64_t>(0, p + 1 - q0); j < nq; ++j) {
+          const int64_t q = q0 + j;
+          const float d = X.dist(g[r * kGramC + j], cand[p], cand[q]);
+          rm = std::min(rm, d);
+          m[q] = std::min(m[q], d);
+          if (dist) dist[p * c + q] = d;
+        }
+        m[p] = rm;
+      }
+    }
+  };
+  for_range(parallel, (nb + 1) / 2, 1, [&](int64_t u0, int64_t u1, int64_t slot) {
+    for (int64_t u = u0; u < u1; ++u) {
+      block(u, slot);
+      if (nb - 1 - u != u) block(nb - 1 - u, slot);
+    }
+  });
+  for (int64_t t = 1; t < slots; ++t)  // min is exact: the merge order does not matter
+    for (int64_t p = 0; p < c; ++p) mins[p] = std::min(mins[p], mins[t * c + p]);
+  mins.resize(static_cast<size_t>(c));
+  return mins;
+}
+
+// Whether a normalised token holds a NaN: its entries are otherwise finite with |v| <= 1, so v·v
+// is NaN exactly then.
+bool has_nan(const float* v, int64_t D) { return std::isnan(dot(v, v, D)); }
+
+// maxsum's start key Σ_j d(i, j) over the candidates j (d(i, i) included), for every candidate.
+// Linear in a summary of the row: cosine Σ_j (1 - x̂_i·x̂_j) = n - x̂_i·Σ_j x̂_j (a token with NaN
+// has distance 0 to all, so it is left out of the summary and its key is 0); l2 Σ_j |x_i - x_j|²
+// = n|x_i - x̄|² + const, ranked by |x_i - x̄|².  An l2 row with a non-finite or overflowing
+// squared norm falls back to summing the exact pairwise distances.
+std::vector<float> distance_sums(const Rows& X, const std::vector<int64_t>& cand, bool parallel) {
+  const int64_t c = static_cast<int64_t>(cand.size()), D = X.D;
+  std::vector<float> key(static_cast<size_t>(c));
+  if (X.metric == Metric::kL2) {
+    bool exact = false;
+    for (int64_t p = 0; p < c; ++p) exact |= !(X.sq[cand[p]] < 1e37f);
+    if (exact) {
+      for_range(parallel, c, 1, [&](int64_t p0, int64_t p1, int64_t) {
+        std::vector<int64_t> pos(kStepCols);
+        float d[kStepCols];
+        for (int64_t p = p0; p < p1; ++p) {
+          float s = 0.0f;
+          for (int64_t q0 = 0; q0 < c; q0 += kStepCols) {
+            const int n = static_cast<int>(std::min<int64_t>(kStepCols, c - q0));
+            for (int e = 0; e < n; ++e) pos[e] = q0 + e;
+            step_distances(X, cand[p], cand.data(), pos.data(), n, d);
+            for (int e = 0; e < n; ++e) s += d[e];
+          }
+          key[p] = s;
+        }
+      });
+      return key;
+    }
+  }
+  std::vector<double> acc(static_cast<size_t>(D), 0.0);
+  std::vector<uint8_t> bad(static_cast<size_t>(c), 0);
+  int64_t n = 0;
+  for (int64_t p = 0; p < c; ++p) {
+    const float* v = X.row(cand[p]);
+    if (X.metric == Metric::kCosine && (bad[p] = has_nan(v, D))) continue;
+    for (int64_t d = 0; d < D; ++d) acc[d] += v[d];
+    ++n;
+  }
+  std::vector<float> summary(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d)
+    summary[d] = static_cast<float>(X.metric == Metric::kCosine ? acc[d] : acc[d] / n);
+  for_range(parallel, c, 16, [&](int64_t p0, int64_t p1, int64_t) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* v = X.row(cand[p]);
+      if (X.metric == Metric::kCosine) {
+        key[p] = bad[p] ? 0.0f : static_cast<float>(n) - dot(v, summary.data(), D);
+      } else {
+        key[p] = sqdist(v, summary.data(), D);
+      }
+    }
+  });
+  return key;
+}
+
+int64_t argmax(const std::vector<float>& key) {
+  Best best;
+  for (int64_t p = 0; p < static_cast<int64_t>(key.size()); ++p) best.offer(key[p], p);
+  return best.p;
+}
+
+// Distance matrices above this many entries are not kept: the steps recompute their row.
+// Below kParallelStepWork multiply-adds a greedy step runs on one thread.
+constexpr int64_t kParallelStepWork = int64_t(1) << 17;
+constexpr int64_t kMaxStoredDistances = int64_t(1) << 22;  // 16 MiB of fp32
+
+// Greedy selection over one batch row: `cand` lists the candidate tokens ascending; writes k
+// indices to out in selection order.
+void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Objective obj,
+                int64_t start, bool parallel, int64_t* out) {
+  const int64_t c = static_cast<int64_t>(cand.size());
+  if (k == 0) return;
+  // The upper triangle of the c×c distances, kept when maxmin's start computed every pair
+  // anyway (uninitialised: only the triangle is written and read).
+  std::unique_ptr<float[]> stored;
+  float* dist = nullptr;
+  int64_t sp;  // position in cand of the token selected next
+  if (start >= 0) {
+    sp = std::lower_bound(cand.begin(), cand.end(), start) - cand.begin();
+  } else if (obj == Objective::kMaxMin) {
+    if (c * c <= kMaxStoredDistances) stored.reset(new float[static_cast<size_t>(c * c)]);
+    dist = stored.get();
+    sp = argmax(nearest_distances(X, cand, parallel, dist));
+  } else {
+    sp = argmax(distance_sums(X, cand, parallel));
+  }
+
+  std::vector<float> run(static_cast<size_t>(c), obj == Objective::kMaxMin ? kInf : 0.0f);
+  std::vector<uint8_t> alive(static_cast<size_t>(c), 1);
+  // Fixed chunks (not per-thread ones): the argmax is the same for any split.  A step is split
+  // only when it computes enough distances to pay for waking the other threads.
+  bool split = parallel && dist == nullptr && c * X.D >= kParallelStepWork;
+  const int64_t chunks = split ? std::min<int64_t>(at::get_num_threads(), c) : 1;
+  // A split step waits for every thread: when the cores are busy with other processes one of
+  // them may be descheduled for a whole time slice, at every step.  A step that takes far longer
+  // than its work (1 ns per multiply-add, 10x a single core) runs the rest of the row on this
+  // thread alone; the result does not depend on the split.
+  const auto slow = std::chrono::nanoseconds(c * X.D + 500000);
+  std::vector<Best> best(static_cast<size_t>(chunks));
+
+  auto update = [&](int64_t p, float d, Best& b) {
+    run[p] = obj == Objective::kMaxMin ? std::min(run[p], d) : run[p] + d;
+    b.offer(run[p], p);
+  };
+  for (int64_t t = 0; t < k; ++t) {
+    out[t] = cand[sp];
+    alive[sp] = 0;
+    if (t + 1 == k) break;
+    const int64_t s = cand[sp];
+    const float* srow = dist ? dist + sp * c : nullptr;  // d(s, p) for p > sp
+    const auto t0 = std::chrono::steady_clock::now();
+    for_range(split, chunks, 1, [&](int64_t ch0, int64_t ch1, int64_t) {
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        Best b;
+        const int64_t lo = c * ch / chunks, hi = c * (ch + 1) / chunks;
+        if (srow) {  // the stored upper triangle: d(p, s) sits in row p for p < sp
+          for (int64_t p = lo; p < hi; ++p)
+            if (alive[p]) update(p, p > sp ? srow[p] : dist[p * c + sp], b);
+        } else {
+          int64_t pos[kStepCols];
+          float d[kStepCols];
+          int n = 0;
+          for (int64_t p = lo; p < hi; ++p) {
+            if (alive[p]) pos[n++] = p;
+            if (n == kStepCols || (p + 1 == hi && n > 0)) {
+              step_distances(X, s, cand.data(), pos, n, d);
+              for (int e = 0; e < n; ++e) update(pos[e], d[e], b);
+              n = 0;
+            }
+          }
+        }
+        best[ch] = b;
+      }
+    });
+    if (split && std::chrono::steady_clock::now() - t0 > slow) split = false;
+    Best all;
+    for (const Best& b : best) all.merge(b);
+    sp = all.p;
+  }
+}
+
+std::vector<int64_t> candidates(const bool* mask, int64_t N) {
+  std::vector<int64_t> cand;
+  cand.reserve(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i)
+    if (mask == nullptr || mask[i]) cand.push_back(i);
+  return cand;
+}
+
+// --------------------------------------------------------------------------- mi_scores
+// Linear in a per-row summary of the valid text tokens (DESIGN: no N×M matrix): cosine
+// mean_j x̂_i·t̂_j = x̂_i·mean_j t̂_j, l2 mean_j |v_i - t_j|² = |v_i - t̄|² + mean_j |t_j - t̄|².
+// Padded (masked-out) text tokens take no part, whatever they hold.  Non-finite values follow
+// the reference's per-pair formula: an l2 row whose squared norm is not finite, or every row
+// when a valid text token's is not, is computed pair by pair.
+void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t M, bool parallel,
+            float* out) {
+  const int64_t D = V.D;
+  int64_t m = 0;
+  bool text_exact = false;
+  std::vector<double> acc(static_cast<size_t>(D), 0.0);
+  for (int64_t j = 0; j < M; ++j) {
+    if (tmask && !tmask[j]) continue;
+    const float* t = T.row(j);
+    if (V.metric == Metric::kL2) text_exact |= !std::isfinite(T.sq[j]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += t[d];
+    ++m;
+  }
+  std::vector<float> mean(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<float>(acc[d] / m);
+  float spread = 0.0f;  // mean_j |t_j - t̄|², the same for every visual token
+  if (V.metric == Metric::kL2) {
+    double s = 0.0;
+    for (int64_t j = 0; j < M; ++j) {
+      if (tmask && !tmask[j]) continue;
+      const float* t = T.row(j);
+      for (int64_t d = 0; d < D; ++d) s += double(t[d] - mean[d]) * double(t[d] - mean[d]);
+    }
+    spread = static_cast<float>(s / m);
+  }
+  for_range(parallel, N, 16, [&](int64_t i0, int64_t i1, int64_t) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* v = V.row(i);
+      if (V.metric == Metric::kCosine) {
+        out[i] = dot(v, mean.data(), D);
+      } else if (!text_exact && std::isfinite(V.sq[i])) {
+        out[i] = -(sqdist(v, mean.data(), D) + spread);
+      } else {  // the reference's formula, (|v|² - 2 v·t) + |t|², averaged over the text tokens
+        float s = 0.0f;
+        for (int64_t j = 0; j < M; ++j)
+          if (!tmask || tmask[j]) s += (V.sq[i] - 2.0f * dot(v, T.row(j), D)) + T.sq[j];
+        out[i] = -(s / static_cast<float>(m));
+      }
+    }
+  });
+}
+
+// The reference's topk_mask: the n1 highest scores among the candidates, ties to the lowest
+// index; NaN and -inf rank after every real score, +inf like the largest float.
+std::vector<int64_t> top_candidates(const float* score, const bool* mask, int64_t N, int64_t n1) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  std::vector<float> key(static_cast<size_t>(N));
+  std::vector<int64_t> order;
+  order.reserve(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) {
+    const float s = score[i];
+    key[i] = std::isnan(s) || s == -kInf ? lowest : (s == kInf ? std::numeric_limits<float>::max() : s);
+    if (mask == nullptr || mask[i]) order.push_back(i);
+  }
+  auto before = [&](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
+  std::nth_element(order.begin(), order.begin() + n1, order.end(), before);
+  order.resize(static_cast<size_t>(n1));
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+// --------------------------------------------------------------------------- gather
+// tokens[b, t] = x[b, index[b, t]] for a contiguous int64 index[B, K]; any dtype.
+at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index) {
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const int64_t B = x.size(0), D = x.size(2), K = index.size(1);
+  at::Tensor out = at::empty({B, K, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  auto* dst = static_cast<char*>(out.data_ptr());
+  const int64_t es = x.element_size(), s0 = x.stride(0) * es, s1 = x.stride(1) * es;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, D * es));
+  at::parallel_for(0, B * K, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      std::memcpy(dst + r * D * es, src + (r / K) * s0 + idx[r] * s1, static_cast<size_t>(D * es));
+  });
+  return out;
+}
+
+const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
+  if (!mask.has_value()) return nullptr;
+  holder = mask->contiguous();
+  return holder.data_ptr<bool>();
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------- ops
+at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
+                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric_name) {
+  check_text(visual, text, text_mask);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const int64_t B = visual.size(0), N = visual.size(1), M = text.size(1);
+  const Prepared V = prepare_tokens(visual, metric), T = prepare_tokens(text, metric);
+  at::Tensor tm;
+  const bool* tmask = mask_ptr(text_mask, tm);
+  at::Tensor out = at::empty({B, N}, visual.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for_batch(B, [&](int64_t b, bool parallel) {
+    mi_row(rows_of(V, b, metric), rows_of(T, b, metric), tmask ? tmask + b * M : nullptr, N, M,
+           parallel, o + b * N);
+  });
+  return out;
+}
+
+at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective_name,
+                         c10::string_view metric_name, const c10::optional<at::Tensor>& mask,
+                         int64_t start) {
+  check_select(x, "x", k, mask, start);
+  const Objective obj = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const int64_t B = x.size(0), N = x.size(1);
+  at::Tensor out = at::empty({B, k}, x.options().dtype(at::kLong));
+  if (B == 0 || k == 0) return out;
+  const Prepared P = prepare_tokens(x, metric);
+  at::Tensor mh;
+  const bool* m = mask_ptr(mask, mh);
+  int64_t* o = out.data_ptr<int64_t>();
+  for_batch(B, [&](int64_t b, bool parallel) {
+    greedy_row(rows_of(P, b, metric), candidates(m ? m + b * N : nullptr, N), k, obj, start,
+               parallel, o + b * k);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
+                                                  const c10::optional<at::Tensor>& index,
+                                                  const c10::optional<at::Tensor>& mask, bool sort) {
+  check_gather(x, index, mask);
+  at::Tensor idx;
+  if (mask.has_value()) {
+    const int64_t B = x.size(0), N = x.size(1);
+    const int64_t K = B > 0 ? mask->select(0, 0).sum().item<int64_t>() : 0;
+    idx = at::empty({B, K}, x.options().dtype(at::kLong));
+    at::Tensor mh;
+    const bool* m = mask_ptr(mask, mh);
+    int64_t* o = idx.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0, t = 0; i < N; ++i)
+        if (m[b * N + i]) o[b * K + t++] = i;
+  } else {
+    idx = index->to(at::kLong).contiguous();
+    if (sort) idx = std::get<0>(idx.sort(-1)).contiguous();
+    else if (index->scalar_type() == at::kLong && idx.is_same(*index)) idx = idx.clone();
+  }
+  return {gather_rows(x, idx), idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
+    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
+    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
+    c10::string_view mi_metric_name, c10::string_view objective_name, c10::string_view metric_name) {
+  check_text(visual, text, text_mask);
+  check_select(visual, "visual", stage1_keep, mask, -1);
+  const Metric mi_metric = parse_metric(mi_metric_name, "mi_metric");
+  const Objective obj = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need keep <= stage1_keep, got keep=", keep,
+                    ", stage1_keep=", stage1_keep);
+  const int64_t B = visual.size(0), N = visual.size(1), M = text.size(1);
+
+  const Prepared VM = prepare_tokens(visual, mi_metric), T = prepare_tokens(text, mi_metric);
+  const Prepared VG = metric == mi_metric ? VM : prepare_tokens(visual, metric);
+  at::Tensor tm, mh;
+  const bool* tmask = mask_ptr(text_mask, tm);
+  const bool* m = mask_ptr(mask, mh);
+  at::Tensor chosen = at::empty({B, keep}, visual.options().dtype(at::kLong));
+  int64_t* o = chosen.data_ptr<int64_t>();
+  for_batch(B, [&](int64_t b, bool parallel) {
+    std::vector<float> score(static_cast<size_t>(N));
+    mi_row(rows_of(VM, b, mi_metric), rows_of(T, b, mi_metric), tmask ? tmask + b * M : nullptr,
+           N, M, parallel, score.data());
+    const auto survivors = top_candidates(score.data(), m ? m + b * N : nullptr, N, stage1_keep);
+    int64_t* ob = o + b * keep;
+    greedy_row(rows_of(VG, b, metric), survivors, keep, obj, -1, parallel, ob);
+    std::sort(ob, ob + keep);
+  });
+  return {gather_rows(visual, chosen), chosen,
+          at::full({B}, keep, visual.options().dtype(at::kLong))};
+}
+
+}  // namespace cpu
+}  // namespace visprune
