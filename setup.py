@@ -77,7 +77,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["visprune", "visprune.methods", "visprune.triton_kernels"],
+    packages=["visprune", "visprune.methods", "visprune.integrations", "visprune.triton_kernels"],
     package_dir={"visprune.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -85,6 +85,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["triton>=3.0", "numpy", "pytest", "pytest-benchmark"],
+        "transformers": ["transformers>=5.23"],
+        "test": ["triton>=3.0", "numpy", "pytest", "pytest-benchmark", "transformers>=5.23"],
     },
 )

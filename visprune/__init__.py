@@ -4,4 +4,14 @@ from .backends import available_backends
 from .reference import PruneResult
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "available_backends", "PruneResult", "__version__"]
+__all__ = ["ops", "reference", "available_backends", "PruneResult", "enable", "__version__"]
+
+
+def enable(model, method="trimtokenator", keep=None, **method_kwargs):
+    """Prune a Hugging Face LLaVA model's visual tokens; returns a handle to ``disable()``.
+
+    See :func:`visprune.integrations.transformers.enable`.  transformers is imported on the
+    first call, not by ``import visprune`` (``pip install visprune[transformers]``).
+    """
+    from .integrations.transformers import enable as _enable
+    return _enable(model, method, keep, **method_kwargs)

@@ -1,0 +1,6 @@
+"""Integrations of the pruning methods into model libraries.
+
+Each submodule imports its library on import; nothing here is imported by ``import visprune``.
+``visprune.integrations.transformers``: Hugging Face transformers' LLaVA-1.5 and LLaVA-NeXT
+(``visprune.enable``).
+"""
