@@ -87,6 +87,18 @@ void check_text(const at::Tensor& visual, const at::Tensor& text,
   }
 }
 
+PruneOptions check_prune(const at::Tensor& visual, const at::Tensor& text, int64_t keep,
+                         int64_t stage1_keep, const c10::optional<at::Tensor>& text_mask,
+                         const c10::optional<at::Tensor>& mask, c10::string_view mi_metric,
+                         c10::string_view objective, c10::string_view metric) {
+  check_text(visual, text, text_mask);
+  check_select(visual, "visual", stage1_keep, mask, -1);
+  TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need keep <= stage1_keep, got keep=", keep,
+                    ", stage1_keep=", stage1_keep);
+  return {parse_metric(mi_metric, "mi_metric"), parse_objective(objective),
+          parse_metric(metric, "metric")};
+}
+
 void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                   const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK_VALUE(x.dim() == 3, "x must have shape [B, N, D], got shape ", x.sizes());

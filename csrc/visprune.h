@@ -37,6 +37,17 @@ void check_select(const at::Tensor& x, const char* xname, int64_t k,
 // visual[B, N, D], text[B, M, D], text_mask[B, M] with a True in every row.
 void check_text(const at::Tensor& visual, const at::Tensor& text,
                 const c10::optional<at::Tensor>& text_mask);
+// check_text + check_select(visual, stage1_keep, mask) + 0 <= keep <= stage1_keep; parses the
+// three option strings.
+struct PruneOptions {
+  Metric mi_metric;
+  Objective objective;
+  Metric metric;
+};
+PruneOptions check_prune(const at::Tensor& visual, const at::Tensor& text, int64_t keep,
+                         int64_t stage1_keep, const c10::optional<at::Tensor>& text_mask,
+                         const c10::optional<at::Tensor>& mask, c10::string_view mi_metric,
+                         c10::string_view objective, c10::string_view metric);
 // Exactly one of index[B, K] (unique, in range) or mask[B, N] (same count per row).
 void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                   const c10::optional<at::Tensor>& mask);

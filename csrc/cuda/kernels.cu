@@ -544,13 +544,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
     const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
     const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
     c10::string_view mi_metric_name, c10::string_view objective_name, c10::string_view metric_name) {
-  check_text(visual, text, text_mask);
-  check_select(visual, "visual", stage1_keep, mask, -1);
-  const Metric mi_metric = parse_metric(mi_metric_name, "mi_metric");
-  const Objective obj = parse_objective(objective_name);
-  const Metric metric = parse_metric(metric_name, "metric");
-  TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need keep <= stage1_keep, got keep=", keep,
-                    ", stage1_keep=", stage1_keep);
+  const auto [mi_metric, obj, metric] = check_prune(visual, text, keep, stage1_keep, text_mask,
+                                                    mask, mi_metric_name, objective_name,
+                                                    metric_name);
   const c10::cuda::CUDAGuard guard(visual.device());
   const int64_t B = visual.size(0);
   // Stage 1: the reference's topk_mask (NaN and -inf after every real score, +inf as the largest
