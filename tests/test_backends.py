@@ -434,3 +434,23 @@ def test_gpu_large_n_greedy_has_no_n_squared_allocation(backend, objective):
     assert extra < N * N * 4 // 8, f"greedy_select allocated {extra} bytes at N={N}"
     ref = ops.greedy_select(x, k, objective=objective, metric="cosine", backend="reference")
     assert_same_selection(got, ref, x, objective, "cosine")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_empty_batch_shapes(backend):
+    """B = 0 keeps the contract's shapes on every backend."""
+    v, t = torch.randn(0, 7, 5), torch.randn(0, 3, 5)
+    out = ops.prune(v, t, 2, backend=backend)
+    assert out.tokens.shape == (0, 2, 5) and out.indices.shape == (0, 2)
+    tokens, idx = ops.gather_compact(v, mask=torch.zeros(0, 7, dtype=torch.bool), backend=backend)
+    assert tokens.shape == (0, 0, 5) and idx.shape == (0, 0)
+    assert ops.greedy_select(v, 3, backend=backend).shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("sort", [True, False])
+def test_gather_never_returns_the_callers_index(backend, sort):
+    index = torch.tensor([[2, 0]])
+    _, got = ops.gather_compact(torch.randn(1, 4, 3), index, sort=sort, backend=backend)
+    got[0, 0] = 3
+    assert index.tolist() == [[2, 0]]

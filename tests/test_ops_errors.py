@@ -437,3 +437,30 @@ def test_integer_like_counts_are_accepted(visual, text):
     a = ops.prune(visual, text, np.int64(1), stage1_keep=np.int64(2), backend="reference")
     b = ops.prune(visual, text, 1, stage1_keep=2, backend="reference")
     assert torch.equal(a.indices, b.indices)
+
+
+def test_value_checks_still_run_under_torch_compile_for_the_reference(visual):
+    """Only the compiled extension may skip the value checks while compiling (its kernels repeat
+    them); the reference must still refuse k > candidates instead of returning duplicates."""
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[:, :2] = True
+    fn = torch.compile(lambda x, m: ops.greedy_select(x, 4, mask=m, backend="reference"),
+                       backend="eager")
+    with pytest.raises(ValueError, match="k=4"):
+        fn(visual, mask)
+
+
+def test_text_dtype_must_match_visual(visual, text):
+    with pytest.raises(TypeError, match="text has dtype torch.float16 but visual has torch.float32"):
+        ops.mi_scores(visual, text.half(), backend="reference")
+
+
+def test_sort_must_be_a_bool(visual):
+    with pytest.raises(TypeError, match="sort must be a bool"):
+        ops.gather_compact(visual, torch.zeros(B, 1, dtype=torch.long), sort="no")
+
+
+def test_numpy_float_fraction_is_accepted(visual, text):
+    a = ops.prune(visual, text, 1, stage1_keep=np.float32(0.5), backend="reference")
+    b = ops.prune(visual, text, 1, stage1_keep=0.5, backend="reference")
+    assert torch.equal(a.indices, b.indices)

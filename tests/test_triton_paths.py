@@ -47,3 +47,17 @@ def test_gram_path_chunks_the_batch(monkeypatch):
     monkeypatch.setattr(greedy, "GRAM_BUDGET_BYTES", 2 * 40 * 40 * 4)
     got = greedy.greedy_select(x, 7, "maxmin", "cosine", None, "auto", path="gram")
     assert torch.equal(got.cpu(), reference.greedy_select(x, 7, "maxmin", "cosine").cpu())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_l2_mi_scores_survive_a_large_common_offset(backend):
+    """Tokens 1000 ± 0.01: the expanded square would cancel to noise; centring keeps the scores
+    at fp32 accuracy relative to their own (small) size, so the ranking is exact."""
+    from visprune import ops
+    g = torch.Generator().manual_seed(8)
+    v = 1000 + 0.01 * torch.randn(2, 50, 64, generator=g)
+    t = 1000 + 0.01 * torch.randn(2, 5, 64, generator=g)
+    exact = -((v.double()[:, :, None] - t.double()[:, None]) ** 2).sum(-1).mean(-1)
+    got = ops.mi_scores(v.to(DEVICE), t.to(DEVICE), backend=backend).cpu().double()
+    assert ((got - exact).abs().max() / exact.abs().max()) < 1e-5
+    assert torch.equal(got.argsort(dim=-1), exact.argsort(dim=-1))

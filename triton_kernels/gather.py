@@ -73,7 +73,6 @@ def gather_compact(x, index=None, mask=None, sort=True):
     if mask is not None:
         index = mask_positions(mask)
     else:
-        index = index.long()
-        if sort:
-            index = index.sort(dim=-1).values
+        # sort() and clone() both give a new tensor: the caller's index is never returned.
+        index = index.long().sort(dim=-1).values if sort else index.long().clone()
     return gather_rows(x, index), index

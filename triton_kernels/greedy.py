@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .mi_scores import token_stats
-from .utils import METRICS, OBJECTIVES, block, clamp_distance, interpreting, warps
+from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, interpreting,
+                    warps)
 
 GRAM_MAX_N = 4096                  # the in-register running vector of one program
 GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
@@ -38,7 +39,7 @@ STREAM_SPLITS = 16                 # programs per row block in the start pass of
 @triton.jit
 def _distance(dot, n_i, n_j, METRIC: tl.constexpr):
     """``1 - cos`` from ``x_i·x_j`` and inverse norms, or ``||x_i||² + ||x_j||² - 2 x_i·x_j``."""
-    if METRIC == 0:
+    if METRIC == COSINE:
         d = 1.0 - dot * n_i * n_j
     else:
         d = n_i + n_j - 2.0 * dot
@@ -62,12 +63,12 @@ def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, par
     o_d = tl.arange(0, BLOCK_D)
     p_x = x_ptr + b * sx_b
     n_i = tl.load(norm_ptr + b * N + o_i, mask=m_i, other=0.0)
-    if OBJ == 0:
+    if OBJ == MAXMIN:
         red = tl.full([BLOCK_M], float("inf"), tl.float32)
     else:
         red = tl.zeros([BLOCK_M], dtype=tl.float32)
     for jb in range(split, tl.cdiv(N, BLOCK_N), num_splits):
-        o_j = jb * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_j = (jb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_j = o_j < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -93,7 +94,7 @@ def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, par
         use = m_j
         if HAS_MASK:
             use = use & (tl.load(cand_ptr + b * N + o_j, mask=m_j, other=0) != 0)
-        if OBJ == 0:
+        if OBJ == MAXMIN:
             use2 = use[None, :] & (o_i[:, None] != o_j[None, :])
             red = tl.minimum(red, tl.min(tl.where(use2, d, float("inf")), axis=1))
         else:
@@ -109,13 +110,13 @@ def _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
     if HAS_MASK:
         alive = alive & (tl.load(cand_ptr + b * N + o_n, mask=m_n, other=0) != 0)
     if AUTO:
-        if OBJ == 0:
+        if OBJ == MAXMIN:
             key = tl.full([BLOCK], float("inf"), tl.float32)
         else:
             key = tl.zeros([BLOCK], dtype=tl.float32)
         for p in range(0, num_splits):
             part = tl.load(part_ptr + (b * num_splits + p) * N + o_n, mask=m_n, other=0.0)
-            if OBJ == 0:
+            if OBJ == MAXMIN:
                 key = tl.minimum(key, part)
             else:
                 key += part
@@ -125,7 +126,7 @@ def _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
     return key, alive
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "start"])
 def _greedy_gram_kernel(dist_ptr, cand_ptr, part_ptr, out_ptr, N, k, num_splits, start,
                         OBJ: tl.constexpr, HAS_MASK: tl.constexpr, AUTO: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -135,7 +136,7 @@ def _greedy_gram_kernel(dist_ptr, cand_ptr, part_ptr, out_ptr, N, k, num_splits,
     m_n = o_n < N
     key, alive = _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
                             OBJ, HAS_MASK, AUTO, BLOCK)
-    if OBJ == 0:
+    if OBJ == MAXMIN:
         run = tl.full([BLOCK], float("inf"), tl.float32)
     else:
         run = tl.zeros([BLOCK], dtype=tl.float32)
@@ -144,7 +145,7 @@ def _greedy_gram_kernel(dist_ptr, cand_ptr, part_ptr, out_ptr, N, k, num_splits,
         tl.store(out_ptr + b * k + t, s.to(tl.int64))
         alive = alive & (o_n != s)
         row = tl.load(dist_ptr + b * N * N + s.to(tl.int64) * N + o_n, mask=m_n, other=0.0)
-        if OBJ == 0:
+        if OBJ == MAXMIN:
             run = tl.minimum(run, row)
         else:
             run += row
@@ -170,13 +171,13 @@ def _greedy_init_kernel(part_ptr, cand_ptr, run_ptr, pval_ptr, pidx_ptr, N, num_
     m_n = o_n < N
     key, alive = _start_key(part_ptr, cand_ptr, b, o_n, m_n, N, num_splits, start,
                             OBJ, HAS_MASK, AUTO, BLOCK)
-    init = float("inf") if OBJ == 0 else 0.0
+    init = float("inf") if OBJ == MAXMIN else 0.0
     tl.store(run_ptr + b * N + o_n, tl.where(alive, init, float("-inf")), mask=m_n)
     # Slot 1 is the "previous" slot of step 0.
     _block_partial(key, pb * BLOCK, pval_ptr, pidx_ptr, (tl.num_programs(0) + b) * num_blocks + pb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "t"])
 def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pidx_ptr, out_ptr,
                         N, D, k, t, num_blocks,
                         METRIC: tl.constexpr, OBJ: tl.constexpr,
@@ -209,7 +210,7 @@ def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pi
         n_i = tl.load(norm_ptr + b * N + o_n, mask=m_n, other=0.0)
         d = _distance(dot, n_i, tl.load(norm_ptr + b * N + s), METRIC)
         run = tl.load(run_ptr + b * N + o_n, mask=m_n, other=float("-inf"))
-        if OBJ == 0:
+        if OBJ == MAXMIN:
             new = tl.minimum(run, d)
         else:
             new = run + d
@@ -218,22 +219,29 @@ def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pi
         _block_partial(run, pb * BLOCK, pval_ptr, pidx_ptr, ((t % 2) * B + b) * num_blocks + pb)
 
 
-def _start_pass(x, norms, cand, part, dist, metric, objective, num_splits, BLOCK_M, BLOCK_N):
+def _tile(N: int) -> int:
+    """Square tile of the distance pass (64; 16 for tiny N, where a 64 tile is mostly padding)."""
+    return 64 if N > 32 else 16
+
+
+def _start_pass(x, norms, cand, part, dist, metric, objective, num_splits):
     B, N, D = x.shape
-    BLOCK_D = block(D, 16, 64 if x.dtype == torch.float32 else 128)
-    grid = (B, triton.cdiv(N, BLOCK_M), num_splits)
+    BLOCK = _tile(N)
+    # 64 x 64 tiles over 64-wide slices of D with 8 warps: no register spills on sm_90 (4 warps
+    # or 128-wide slices spill about 1 KB per thread).
+    BLOCK_D = block(D, 16, 64)
+    grid = (B, triton.cdiv(N, BLOCK), num_splits)
     _dist_tile_kernel[grid](
         x, *x.stride(), norms, cand if cand is not None else norms,
         dist if dist is not None else norms, part, N, D, num_splits,
         METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], HAS_MASK=cand is not None,
         STORE=dist is not None, INTERPRETED=interpreting(),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D, num_warps=8)
 
 
 def _select_gram(x, k, objective, metric, cand, start, norms, out):
     B, N, _ = x.shape
-    BLOCK_T = 64 if N > 32 else 16
-    num_splits = triton.cdiv(N, BLOCK_T)
+    num_splits = triton.cdiv(N, _tile(N))
     BLOCK = block(N)
     chunk = max(1, GRAM_BUDGET_BYTES // (N * N * 4))
     for b0 in range(0, B, chunk):
@@ -242,7 +250,7 @@ def _select_gram(x, k, objective, metric, cand, start, norms, out):
         nB = xb.shape[0]
         dist = torch.empty(nB, N, N, dtype=torch.float32, device=x.device)
         part = torch.empty(nB, num_splits, N, dtype=torch.float32, device=x.device)
-        _start_pass(xb, nb, cb, part, dist, metric, objective, num_splits, BLOCK_T, BLOCK_T)
+        _start_pass(xb, nb, cb, part, dist, metric, objective, num_splits)
         _greedy_gram_kernel[(nB,)](
             dist, cb if cb is not None else nb, part, out[sl], N, k, num_splits,
             start if isinstance(start, int) else 0, OBJ=OBJECTIVES[objective],
@@ -257,8 +265,7 @@ def _select_stream(x, k, objective, metric, cand, start, norms, out):
     num_splits = STREAM_SPLITS if auto else 1
     part = torch.empty(B, num_splits, N, dtype=torch.float32, device=dev)
     if auto:
-        BLOCK_T = 64 if N > 32 else 16
-        _start_pass(x, norms, cand, part, None, metric, objective, num_splits, BLOCK_T, BLOCK_T)
+        _start_pass(x, norms, cand, part, None, metric, objective, num_splits)
     BLOCK = block(N, 16, 1024)
     BLOCK_D = block(D, 16, max(16, 8192 // BLOCK))
     num_blocks = triton.cdiv(N, BLOCK)

@@ -8,11 +8,11 @@ from visprune.backends import interpreting  # noqa: F401  (re-exported for the l
 
 EPS = 1e-12     # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
 
-# Selection and objective codes passed as constexprs.
-COSINE, L2 = 0, 1
-MAXMIN, MAXSUM = 0, 1
-METRICS = {"cosine": COSINE, "l2": L2}
-OBJECTIVES = {"maxmin": MAXMIN, "maxsum": MAXSUM}
+# Metric and objective codes: launchers pass them as constexprs, kernels compare with these.
+COSINE, L2 = tl.constexpr(0), tl.constexpr(1)
+MAXMIN, MAXSUM = tl.constexpr(0), tl.constexpr(1)
+METRICS = {"cosine": COSINE.value, "l2": L2.value}
+OBJECTIVES = {"maxmin": MAXMIN.value, "maxsum": MAXSUM.value}
 
 
 def block(n: int, lo: int = 16, hi: int = 1 << 30) -> int:

@@ -71,6 +71,9 @@ def default_backend(device: torch.device) -> str:
     """The fastest backend available for tensors on ``device``, unless ``VISPRUNE_BACKEND`` says."""
     forced = os.environ.get("VISPRUNE_BACKEND")
     if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"VISPRUNE_BACKEND names an unknown backend: must be one of "
+                             f"{BACKENDS}, got {forced!r}")
         return forced
     if device.type == "cuda":
         return "triton" if backend_status("triton", device)[0] else "reference"
@@ -90,10 +93,14 @@ def checked_name(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
-def resolve(backend: Optional[str], device: torch.device) -> ModuleType:
-    """The module that runs the op for tensors on ``device``; raises if it cannot."""
-    name = checked_name(backend, device)
+def module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (checked with :func:`checked_name`)."""
     # Already imported by backend_status for the compiled backends; torch.compile traces a
     # sys.modules look-up but not importlib.import_module.
-    module = sys.modules.get(_MODULES[name])
-    return module if module is not None else importlib.import_module(_MODULES[name])
+    found = sys.modules.get(_MODULES[name])
+    return found if found is not None else importlib.import_module(_MODULES[name])
+
+
+def resolve(backend: Optional[str], device: torch.device) -> ModuleType:
+    """The module that runs the op for tensors on ``device``; raises if it cannot."""
+    return module(checked_name(backend, device))

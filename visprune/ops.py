@@ -10,9 +10,10 @@ from __future__ import annotations
 import operator
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
-from .backends import resolve
+from .backends import checked_name, module
 from .reference import PruneResult, stage1_count
 
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "PruneResult"]
@@ -20,10 +21,13 @@ __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "PruneResult
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _eager() -> bool:
-    """False while torch.compile traces: checks that read tensor values would break the graph,
-    so they are skipped there (the compiled kernels repeat them and raise the same errors)."""
-    return not torch.compiler.is_compiling()
+def _reads_values(backend: str) -> bool:
+    """Whether to run the checks that read tensor values (mask counts, index ranges).
+
+    They break a torch.compile graph, and the compiled extension ("cpu", "cuda") repeats them in
+    its kernels, so they are skipped only while compiling for it; every other backend runs them.
+    """
+    return not (backend in ("cpu", "cuda") and torch.compiler.is_compiling())
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -77,21 +81,20 @@ def _count(name: str, value) -> int:
     return value
 
 
-def _candidates(mask: Optional[torch.Tensor], n: int) -> int:
-    """The smallest number of candidate tokens in any row."""
-    if mask is None or mask.shape[0] == 0 or not _eager():
+def _candidates(mask: Optional[torch.Tensor], n: int, values: bool) -> int:
+    """The smallest number of candidate tokens in any row (``n`` when not reading values)."""
+    if mask is None or mask.shape[0] == 0 or not values:
         return n
     return int(mask.sum(-1).min())
 
 
-def _check_select(x, k, objective, metric, mask, start, xname="x"):
-    _tensor(xname, x, 3, "[B, N, D]")
+def _check_select(x, k, objective, metric, mask, start, values, xname="x"):
     B, N, _ = x.shape
     _choice("objective", objective, ("maxmin", "maxsum"))
     _choice("metric", metric, ("cosine", "l2"))
     mask = _bool_mask("mask", mask, xname, x, (B, N), "[B, N]")
     k = _count("k", k)
-    avail = _candidates(mask, N)
+    avail = _candidates(mask, N, values)
     if k > avail:
         raise ValueError(f"k={k} is larger than the number of candidate tokens "
                          f"({avail}{' in the sparsest mask row' if mask is not None else ''})")
@@ -103,13 +106,12 @@ def _check_select(x, k, objective, metric, mask, start, xname="x"):
                              f"got {start!r}") from None
         if not 0 <= start < N:
             raise ValueError(f"start={start} is out of range for N={N}")
-        if mask is not None and k > 0 and _eager() and not bool(mask[:, start].all()):
+        if mask is not None and k > 0 and values and not bool(mask[:, start].all()):
             raise ValueError(f"start={start} is not a candidate (mask is False there) in every row")
     return k, mask, start
 
 
-def _check_text(visual, text, text_mask, metric, metric_name=None):
-    _tensor("visual", visual, 3, "[B, N, D]")
+def _check_text(visual, text, text_mask, metric, values, metric_name=None):
     _tensor("text", text, 3, "[B, M, D]")
     B, N, D = visual.shape
     if text.shape[0] != B or text.shape[2] != D:
@@ -118,9 +120,12 @@ def _check_text(visual, text, text_mask, metric, metric_name=None):
     if text.shape[1] == 0:
         raise ValueError("text must have at least one token (M >= 1), got M=0")
     _same_device("visual", visual, "text", text)
+    if text.dtype != visual.dtype:
+        raise TypeError(f"text has dtype {text.dtype} but visual has {visual.dtype}; "
+                        f"they must have the same dtype")
     _choice("metric" if metric_name is None else metric_name, metric, ("l2", "cosine"))
     text_mask = _bool_mask("text_mask", text_mask, "visual", visual, (B, text.shape[1]), "[B, M]")
-    if text_mask is not None and B > 0 and _eager():
+    if text_mask is not None and B > 0 and values:
         empty = (~text_mask.any(-1)).nonzero().flatten()
         if len(empty):
             raise ValueError(f"text_mask has no True entry in row(s) {empty.tolist()}: "
@@ -140,8 +145,10 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, *, text_mask: Optional[t
         metric: ``"l2"``: ``-(1/M_b) Σ_j ||v_i - t_j||²``; ``"cosine"``: ``(1/M_b) Σ_j cos(v_i, t_j)``.
         backend: see the module docstring.
     """
-    text_mask = _check_text(visual, text, text_mask, metric)
-    return resolve(backend, visual.device).mi_scores(visual, text, text_mask, metric)
+    _tensor("visual", visual, 3, "[B, N, D]")
+    name = checked_name(backend, visual.device)
+    text_mask = _check_text(visual, text, text_mask, metric, _reads_values(name))
+    return module(name).mi_scores(visual, text, text_mask, metric)
 
 
 def greedy_select(x: torch.Tensor, k: int, *, objective: str = "maxmin", metric: str = "cosine",
@@ -159,8 +166,10 @@ def greedy_select(x: torch.Tensor, k: int, *, objective: str = "maxmin", metric:
             int index used for every row.
         backend: see the module docstring.
     """
-    k, mask, start = _check_select(x, k, objective, metric, mask, start)
-    return resolve(backend, x.device).greedy_select(x, k, objective, metric, mask, start)
+    _tensor("x", x, 3, "[B, N, D]")
+    name = checked_name(backend, x.device)
+    k, mask, start = _check_select(x, k, objective, metric, mask, start, _reads_values(name))
+    return module(name).greedy_select(x, k, objective, metric, mask, start)
 
 
 def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
@@ -176,10 +185,14 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
     B, N, _ = x.shape
     if (index is None) == (mask is None):
         raise ValueError("gather_compact needs exactly one of index or mask")
+    if not isinstance(sort, bool):
+        raise TypeError(f"sort must be a bool, got {type(sort).__name__}")
+    name = checked_name(backend, x.device)
+    values = _reads_values(name)
     if mask is not None:
         _bool_mask("mask", mask, "x", x, (B, N), "[B, N]")
         counts = mask.sum(-1)
-        if B > 0 and _eager() and bool((counts != counts[0]).any()):
+        if B > 0 and values and bool((counts != counts[0]).any()):
             raise ValueError(f"mask rows keep different counts {counts.tolist()}; "
                              f"every row must keep the same number of tokens")
     else:
@@ -191,14 +204,14 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
         if index.shape[0] != B:
             raise ValueError(f"index must have shape [B, K] with B={B}, got {tuple(index.shape)}")
         _same_device("x", x, "index", index)
-        if index.numel() and _eager():
+        if index.numel() and values:
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= N:
                 raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {N})")
             srt = index.sort(-1).values
             if bool((srt[:, 1:] == srt[:, :-1]).any()):
                 raise ValueError("index has duplicate entries within a row")
-    return resolve(backend, x.device).gather_compact(x, index, mask, bool(sort))
+    return module(name).gather_compact(x, index, mask, sort)
 
 
 def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, *,
@@ -210,12 +223,17 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, *,
     Stage 1 keeps the ``stage1_keep`` visual tokens (int count, or float fraction of N rounded
     half up) with the highest :func:`mi_scores`; stage 2 runs :func:`greedy_select` on those
     survivors; the ``keep`` chosen tokens are returned in original order (ascending ``indices``).
-    ``mask[B, N]`` restricts both stages to its True tokens.
+    ``mask[B, N]`` restricts both stages to its True tokens; a fraction stays a fraction of N, so
+    with a mask it must not exceed the candidates of the sparsest row.
     """
-    text_mask = _check_text(visual, text, text_mask, mi_metric, "mi_metric")
+    _tensor("visual", visual, 3, "[B, N, D]")
+    name = checked_name(backend, visual.device)
+    values = _reads_values(name)
+    text_mask = _check_text(visual, text, text_mask, mi_metric, values, "mi_metric")
     B, N, _ = visual.shape
     keep = _count("keep", keep)
-    if isinstance(stage1_keep, float):
+    if isinstance(stage1_keep, (float, np.floating)):
+        stage1_keep = float(stage1_keep)
         if not 0.0 < stage1_keep <= 1.0:
             raise ValueError(f"stage1_keep as a fraction must be in (0, 1], got {stage1_keep}")
     else:
@@ -225,11 +243,10 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, *,
             raise TypeError(f"stage1_keep must be an int count or a float fraction, "
                             f"got {type(stage1_keep).__name__}") from None
     n1 = stage1_count(N, stage1_keep)
-    _, mask, _ = _check_select(visual, 0, objective, metric, mask, "auto", xname="visual")
-    avail = _candidates(mask, N)
+    _, mask, _ = _check_select(visual, 0, objective, metric, mask, "auto", values, xname="visual")
+    avail = _candidates(mask, N, values)
     if not keep <= n1 <= avail:
         raise ValueError(f"need keep <= stage1_keep <= {'candidates' if mask is not None else 'N'}, "
                          f"got keep={keep}, stage1_keep={stage1_keep} ({n1} tokens), "
                          f"{'candidates' if mask is not None else 'N'}={avail}")
-    return resolve(backend, visual.device).prune(visual, text, keep, n1, text_mask, mask,
-                                                 mi_metric, objective, metric)
+    return module(name).prune(visual, text, keep, n1, text_mask, mask, mi_metric, objective, metric)

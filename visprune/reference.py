@@ -73,6 +73,13 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
             sim = _normalize(visual) @ _normalize(text).transpose(1, 2)          # [B, N, M]
             return _masked_mean(sim, text_mask)
         v, t = visual.float(), text.float()
+        # Distances do not change under a common shift: centring on the text mean keeps a large
+        # common offset from cancelling in the rounding of the expanded square.
+        valid = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if text_mask is None \
+            else text_mask
+        center = t.masked_fill(~valid[..., None], 0.0).sum(1, keepdim=True) \
+            / valid.sum(1)[:, None, None]
+        v, t = v - center, t - center
         sq = (v * v).sum(-1, keepdim=True) - 2 * v @ t.transpose(1, 2) + (t * t).sum(-1)[:, None, :]
         return -_masked_mean(sq, text_mask)
 
@@ -140,11 +147,10 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None,
     """
     if mask is not None:
         B = mask.shape[0]
-        index = mask.nonzero()[:, 1].reshape(B, -1)
+        index = mask.nonzero()[:, 1].reshape(B, int(mask[0].sum()) if B else 0)
     else:
-        index = index.long()
-        if sort:
-            index = index.sort(-1).values
+        # sort() and clone() both give a new tensor: the caller's index is never returned.
+        index = index.long().sort(dim=-1).values if sort else index.long().clone()
     tokens = torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
     return tokens, index
 
