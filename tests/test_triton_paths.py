@@ -32,10 +32,10 @@ def test_paths_match_reference(path, objective, metric):
 
 
 def test_stream_path_spans_several_blocks():
-    # Blocks of at most 1024 tokens: N = 1100 makes the cross-block argmax reduction matter,
-    # and the duplicate placed in the second block must lose its tie to the first.
-    x = _tokens(1, 1100, 4, seed=5)
-    x[0, 1050] = x[0, 17]
+    # Blocks of 128 tokens: N = 300 makes the cross-block argmax reduction matter, and the
+    # duplicate placed in the third block must lose its tie to the first.
+    x = _tokens(1, 300, 4, seed=5)
+    x[0, 290] = x[0, 17]
     got = greedy.greedy_select(x, 6, "maxsum", "l2", None, "auto", path="stream")
     want = reference.greedy_select(x, 6, "maxsum", "l2", None, "auto")
     assert torch.equal(got.cpu(), want.cpu())

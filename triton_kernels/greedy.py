@@ -266,8 +266,10 @@ def _select_stream(x, k, objective, metric, cand, start, norms, out):
     part = torch.empty(B, num_splits, N, dtype=torch.float32, device=dev)
     if auto:
         _start_pass(x, norms, cand, part, None, metric, objective, num_splits)
-    BLOCK = block(N, 16, 1024)
-    BLOCK_D = block(D, 16, max(16, 8192 // BLOCK))
+    # Blocks of 128 tokens (128 programs a row at N = 16384) over 64-wide slices of D, 8 warps:
+    # no register spills on sm_90 (1024-token blocks spill at any warp count).
+    BLOCK = block(N, 16, 128)
+    BLOCK_D = block(D, 16, 64)
     num_blocks = triton.cdiv(N, BLOCK)
     run = torch.empty(B, N, dtype=torch.float32, device=dev)
     pval = torch.empty(2, B, num_blocks, dtype=torch.float32, device=dev)
@@ -281,7 +283,7 @@ def _select_stream(x, k, objective, metric, cand, start, norms, out):
         _greedy_step_kernel[(B, num_blocks)](
             x, *x.stride(), norms, run, pval, pidx, out, N, D, k, t, num_blocks,
             METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], BLOCK=BLOCK, BLOCK_D=BLOCK_D,
-            BLOCKS_P2=block(num_blocks, 1), num_warps=warps(BLOCK * BLOCK_D))
+            BLOCKS_P2=block(num_blocks, 1), num_warps=8 if BLOCK == 128 else 4)
 
 
 def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: str = "cosine",

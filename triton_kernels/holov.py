@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import block
+
 _EPS = tl.constexpr(1e-6)      # the original's ``x / (x.norm() + 1e-6)``
 
 
@@ -83,9 +85,9 @@ def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     largest = base + (rem > 0)
     if B == 0 or largest == 0:
         return out
-    BR = BC = min(64, max(16, triton.next_power_of_2(largest)))   # tl.dot needs dims >= 16
-    BD = min(64, max(16, triton.next_power_of_2(D)))
+    BR = BC = block(largest, 16, 64)                             # tl.dot needs dims >= 16
+    BD = block(D, 16, 64)
     grid = (triton.cdiv(largest, BR), num_crops, B)
     _variance_kernel[grid](features, out, D, base, rem, *features.stride(), *out.stride(),
-                           BR=BR, BC=BC, BD=BD, num_warps=4)
+                           BR=BR, BC=BC, BD=BD, num_warps=8)  # 4 warps spill at 64 x 64
     return out

@@ -75,7 +75,7 @@ def _text_summary_kernel(t_ptr, st_b, st_m, st_d, mask_ptr, inv_ptr, summ_ptr, r
 @triton.jit
 def _token_stats_kernel(x_ptr, sx_b, sx_n, sx_d, summ_ptr, resid_ptr, spread_ptr, num_spread,
                         score_ptr, norm_ptr, N, D, SCORE: tl.constexpr, NORM: tl.constexpr,
-                        EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One pass over ``x[b, block of N, :]``: the MI score (``SCORE``: COSINE, L2 or NO_SCORE)
     and a norm term (``NORM``: ``1/max(||x||, eps)``, ``||x||²`` or none)."""
     b = tl.program_id(0).to(tl.int64)
@@ -147,7 +147,7 @@ def token_stats(x: torch.Tensor, summary: Optional[Tuple[torch.Tensor, ...]] = N
         score if score is not None else x, norms if norms is not None else x, N, D,
         SCORE=NO_SCORE.value if score is None else METRICS[score_metric],
         NORM=(NO_NORM if norms is None else INV_NORM if norm == "cosine" else SQ_NORM).value,
-        EPS=EPS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps(BLOCK_N * BLOCK_D))
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps(BLOCK_N * BLOCK_D))
     return score, norms
 
 

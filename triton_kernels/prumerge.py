@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-_EPS = tl.constexpr(1e-12)                   # F.normalize's eps
+from .utils import EPS, block
+
 _NAN_COSINE = tl.constexpr(-3.0)             # a NaN cosine ranks below every real one
 _NOT_A_CANDIDATE = tl.constexpr(-(2 ** 63 - 1))   # below every packed (cosine, index) key
 
@@ -57,7 +58,7 @@ def _merge_kernel(k_ptr, x_ptr, a_ptr, i_ptr, o_ptr,
         b_q = tl.load(p_k + b_row[:, None] * s_kn + o_d[None, :] * s_kd,
                       mask=m_row[:, None] & (o_d < DK)[None, :], other=0.).to(tl.float32)
         b_qsq += tl.sum(b_q * b_q, 1)
-    b_qinv = 1.0 / tl.maximum(tl.sqrt(b_qsq), _EPS)
+    b_qinv = 1.0 / tl.maximum(tl.sqrt(b_qsq), EPS)
 
     # The running top-K as an unordered set; its placeholders are distinct so that exactly one
     # entry (the minimum) is replaced per insertion.
@@ -77,7 +78,7 @@ def _merge_kernel(k_ptr, x_ptr, a_ptr, i_ptr, o_ptr,
                           mask=m_n[:, None] & m_d[None, :], other=0.).to(tl.float32)
             b_dot = tl.dot(b_q, tl.trans(b_k), b_dot, input_precision="ieee")
             b_ksq += tl.sum(b_k * b_k, 1)
-        b_cos = b_dot * b_qinv[:, None] * (1.0 / tl.maximum(tl.sqrt(b_ksq), _EPS))[None, :]
+        b_cos = b_dot * b_qinv[:, None] * (1.0 / tl.maximum(tl.sqrt(b_ksq), EPS))[None, :]
         m_cand = m_n[None, :] & (o_n[None, :].to(tl.int64) != b_row[:, None])
         b_key = tl.where(m_cand, _pack(b_cos, o_n[None, :]), _NOT_A_CANDIDATE)
         # Insert the tile's keys, largest first, while they beat the set's minimum.  Only keys
@@ -124,8 +125,8 @@ def merge(keys: torch.Tensor, features: torch.Tensor, attn: torch.Tensor, index:
     if B == 0 or L == 0:
         return out
     BQ, BN = 16, 64                                       # tl.dot needs every block dim >= 16
-    BK = min(64, max(16, triton.next_power_of_2(DK)))
-    BD = min(32, max(16, triton.next_power_of_2(D)))     # [BQ, K, BD] gathered per step
+    BK = block(DK, 16, 64)
+    BD = block(D, 16, 32)                                # [BQ, K, BD] gathered per step
     grid = (triton.cdiv(L, BQ), B)
     _merge_kernel[grid](keys, features, attn, index, out, N, L, DK, D,
                         *keys.stride(), *features.stride(), *attn.stride(), *index.stride(),
