@@ -532,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor idx;
   if (mask.has_value()) {
-    idx = mask->nonzero().select(1, 1).reshape({x.size(0), -1}).contiguous();
+    const int64_t B = x.size(0), K = B ? (*mask)[0].sum().item<int64_t>() : 0;
+    idx = mask->nonzero().select(1, 1).reshape({B, K}).contiguous();  // -1 fails when B == 0
   } else {
     idx = index->to(at::kLong);
     idx = sort ? std::get<0>(idx.sort(-1)).contiguous() : idx.contiguous().clone();
