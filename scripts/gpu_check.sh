@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything to run on a CUDA machine, in one go: build the extension with its CUDA kernels, run
+# the whole test suite (the `gpu`-marked tests included), the op benchmarks and the end-to-end
+# benchmark.  Logs and results land in $RESULTS (default benchmarks/results/gpu-<date>), at most
+# 8 files.  Needs torch, triton, pytest and pytest-benchmark already installed (no downloads).
+#
+#   bash scripts/gpu_check.sh                 # everything
+#   QUICK=1 bash scripts/gpu_check.sh         # --quick benchmarks (a few minutes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS:-benchmarks/results/gpu-$(date -u +%F)}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+quick=${QUICK:+--quick}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+  date -u
+} > "$RESULTS/machine.txt" 2>&1
+
+# The build: --no-deps since the machine may have no package registry.
+timeout 900 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1 \
+  || echo "build failed: see $RESULTS/build.log"
+"$PY" -c "import visprune; print(visprune.available_backends())" >> "$RESULTS/build.log" 2>&1
+
+timeout 1200 "$PY" -m pytest -q -rs tests > "$RESULTS/tests.log" 2>&1
+tail -n 3 "$RESULTS/tests.log"
+
+timeout 1800 "$PY" -m visprune.bench --device cuda $quick --json "$RESULTS/bench.json" \
+  > "$RESULTS/bench.txt" 2>&1
+tail -n 40 "$RESULTS/bench.txt"
+
+timeout 1200 "$PY" benchmarks/e2e.py --json "$RESULTS/e2e.json" > "$RESULTS/e2e.txt" 2>&1
+tail -n 20 "$RESULTS/e2e.txt"
