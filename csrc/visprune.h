@@ -52,35 +52,28 @@ PruneOptions check_prune(const at::Tensor& visual, const at::Tensor& text, int64
 void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                   const c10::optional<at::Tensor>& mask);
 
-namespace cpu {
-at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
-                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric);
-at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective,
-                         c10::string_view metric, const c10::optional<at::Tensor>& mask,
-                         int64_t start);
-std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
-                                                  const c10::optional<at::Tensor>& index,
-                                                  const c10::optional<at::Tensor>& mask, bool sort);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
-    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
-    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
+// The four ops, declared once for each device namespace.
+#define VISPRUNE_DECLARE_OPS \
+at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text, \
+                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric); \
+at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective, \
+                         c10::string_view metric, const c10::optional<at::Tensor>& mask, \
+                         int64_t start); \
+std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x, \
+                                                  const c10::optional<at::Tensor>& index, \
+                                                  const c10::optional<at::Tensor>& mask, bool sort); \
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune( \
+    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep, \
+    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask, \
     c10::string_view mi_metric, c10::string_view objective, c10::string_view metric);
+
+namespace cpu {
+VISPRUNE_DECLARE_OPS
 }  // namespace cpu
 
 #ifdef VISPRUNE_WITH_CUDA
 namespace cuda {
-at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
-                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric);
-at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective,
-                         c10::string_view metric, const c10::optional<at::Tensor>& mask,
-                         int64_t start);
-std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
-                                                  const c10::optional<at::Tensor>& index,
-                                                  const c10::optional<at::Tensor>& mask, bool sort);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
-    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
-    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
-    c10::string_view mi_metric, c10::string_view objective, c10::string_view metric);
+VISPRUNE_DECLARE_OPS
 }  // namespace cuda
 #endif
 

@@ -27,6 +27,20 @@ INV_NORM, SQ_NORM, NO_NORM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
+def _text_tile(t_ptr, st_b, st_m, st_d, mask_ptr, b, m0, M, o_d, m_d, HAS_MASK: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """Text tokens ``m0 .. m0+BLOCK_M`` of row ``b`` over the columns ``o_d`` as fp32, padding and
+    out-of-range tokens zeroed, with their token indices and validity."""
+    o_m = m0 + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    if HAS_MASK:
+        m_m = m_m & (tl.load(mask_ptr + b * M + o_m, mask=o_m < M, other=0) != 0)
+    b_t = tl.load(t_ptr + b * st_b + o_m[:, None] * st_m + o_d[None, :] * st_d,
+                  mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    return b_t, o_m, m_m
+
+
+@triton.jit
 def _text_summary_kernel(t_ptr, st_b, st_m, st_d, mask_ptr, inv_ptr, summ_ptr, resid_ptr,
                          spread_ptr, M, D, HAS_MASK: tl.constexpr, METRIC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -41,13 +55,9 @@ def _text_summary_kernel(t_ptr, st_b, st_m, st_d, mask_ptr, inv_ptr, summ_ptr, r
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     count = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        o_m = m0 + tl.arange(0, BLOCK_M)
-        m_m = o_m < M
-        if HAS_MASK:
-            m_m = m_m & (tl.load(mask_ptr + b * M + o_m, mask=o_m < M, other=0) != 0)
+        b_t, o_m, m_m = _text_tile(t_ptr, st_b, st_m, st_d, mask_ptr, b, m0, M, o_d, m_d,
+                                   HAS_MASK, BLOCK_M)
         count += m_m.to(tl.float32)
-        b_t = tl.load(t_ptr + b * st_b + o_m[:, None] * st_m + o_d[None, :] * st_d,
-                      mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         if METRIC == COSINE:
             b_t = b_t * tl.load(inv_ptr + b * M + o_m, mask=m_m, other=0.0)[:, None]
         acc += tl.sum(b_t, axis=0)
@@ -58,14 +68,9 @@ def _text_summary_kernel(t_ptr, st_b, st_m, st_d, mask_ptr, inv_ptr, summ_ptr, r
         resid = tl.zeros([BLOCK_D], dtype=tl.float32)
         spread = tl.zeros([BLOCK_M], dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            o_m = m0 + tl.arange(0, BLOCK_M)
-            m_m = o_m < M
-            if HAS_MASK:
-                m_m = m_m & (tl.load(mask_ptr + b * M + o_m, mask=o_m < M, other=0) != 0)
-            m_t = m_m[:, None] & m_d[None, :]
-            b_t = tl.load(t_ptr + b * st_b + o_m[:, None] * st_m + o_d[None, :] * st_d,
-                          mask=m_t, other=0.0).to(tl.float32)
-            dev = tl.where(m_t, b_t - mean[None, :], 0.0)
+            b_t, _, m_m = _text_tile(t_ptr, st_b, st_m, st_d, mask_ptr, b, m0, M, o_d, m_d,
+                                     HAS_MASK, BLOCK_M)
+            dev = tl.where(m_m[:, None] & m_d[None, :], b_t - mean[None, :], 0.0)
             resid += tl.sum(dev, axis=0)
             spread += tl.sum(dev * dev, axis=1)
         tl.store(resid_ptr + b * D + o_d, resid / n, mask=m_d)
