@@ -77,7 +77,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["visprune", "visprune.methods", "visprune.integrations", "visprune.triton_kernels"],
+    packages=["visprune", "visprune.methods", "visprune.integrations", "visprune.bench",
+              "visprune.triton_kernels"],
     package_dir={"visprune.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -86,6 +87,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "transformers": ["transformers>=5.23"],
-        "test": ["triton>=3.0", "numpy", "pytest", "pytest-benchmark", "transformers>=5.23"],
+        "test": ["triton>=3.0", "numpy", "pytest", "pytest-benchmark", "hypothesis",
+                 "transformers>=5.23"],
     },
 )

@@ -14,7 +14,8 @@ import torch
 import visprune
 from visprune import ops
 
-from helpers import equal_count_mask, randn, random_mask, with_duplicates
+from helpers import (assert_greedy_matches_literal, equal_count_mask, mi_scores_literal, randn,
+                     random_mask, with_duplicates)
 
 # Scores are float32 whatever the input dtype (inputs are upcast; arithmetic accumulates in
 # fp32), so every dtype gets an fp32-level tolerance; atol is relative to the largest |score|
@@ -102,11 +103,19 @@ def _objective_values(x_row, cands, selected, objective, metric):
     return dict(zip(cands, vals.tolist()))
 
 
-def assert_same_selection(got, ref, x, objective, metric, mask=None, start="auto"):
+def assert_same_selection(got, ref, x, objective, metric, mask=None, start="auto",
+                          tolerant=False):
     """Indices must be identical; on a mismatch, report the float64 objective values of both picks
-    at the first divergent step so a near-tie is told apart from a bug at a glance."""
+    at the first divergent step so a near-tie is told apart from a bug at a glance.
+
+    ``tolerant`` (random tokens at large N on a GPU, where fp32 near-ties flip with the summation
+    order): a mismatch passes if every pick of ``got`` is a float64 near-best along its own path."""
     assert got.dtype == torch.int64 and got.shape == ref.shape and got.device == ref.device
     if torch.equal(got, ref):
+        return
+    if tolerant:
+        assert_greedy_matches_literal(x.cpu(), got.cpu(), objective, metric,
+                                      None if mask is None else mask.cpu(), start)
         return
     got, ref = got.cpu(), ref.cpu()
     b, t = [int(v) for v in (got != ref).nonzero()[0]]
@@ -174,7 +183,8 @@ def run_greedy(backend, B, N, D, k, objective, metric, dtype=torch.float32, vari
     ref = ops.greedy_select(x, k, objective=objective, metric=metric, mask=mask, start=start,
                             backend="reference")
     _assert_unchanged((x, mask), snap)
-    assert_same_selection(got, ref, x, objective, metric, mask, start)
+    assert_same_selection(got, ref, x, objective, metric, mask, start,
+                          tolerant=device != "cpu" and variant in ("plain", "mask", "start"))
 
 
 def run_gather(backend, B, N, D, K, form, dtype=torch.float32, layout="contiguous",
@@ -214,9 +224,37 @@ def run_prune(backend, B, N, M, D, keep, stage1, dtype=torch.float32, use_mask=F
     _assert_unchanged((visual, text, text_mask, mask), snap)
     assert isinstance(got, visprune.PruneResult)
     assert got.indices.dtype == torch.int64 and got.lengths.dtype == torch.int64
-    assert torch.equal(got.indices, ref.indices), f"\n{got.indices}\n{ref.indices}"
     assert torch.equal(got.lengths, ref.lengths)
-    assert got.tokens.dtype == dtype and torch.equal(got.tokens, ref.tokens)
+    if device != "cpu" and not torch.equal(got.indices, ref.indices):
+        _assert_prune_near_ties(got, backend, visual, text, keep, n1, kw)
+    else:
+        assert torch.equal(got.indices, ref.indices), f"\n{got.indices}\n{ref.indices}"
+        assert got.tokens.dtype == dtype and torch.equal(got.tokens, ref.tokens)
+
+
+def _assert_prune_near_ties(got, backend, visual, text, keep, n1, kw, rel_tol=1e-5):
+    """A GPU prune that differs from the reference on random tokens must differ by near-ties
+    only: its stage-1 survivors are float64 near-best by MI score, and its stage-2 picks on them
+    are float64 near-best greedy steps (the tolerant check of :func:`assert_same_selection`)."""
+    from visprune.common import topk_mask
+    mask, text_mask = kw["mask"], kw["text_mask"]
+    scores = ops.mi_scores(visual, text, text_mask=text_mask, metric=kw["mi_metric"],
+                           backend=backend)
+    survivors = topk_mask(scores, n1, mask)
+    exact = mi_scores_literal(visual.cpu(), text.cpu(),
+                              None if text_mask is None else text_mask.cpu(), kw["mi_metric"])
+    for b in range(visual.shape[0]):
+        cands = exact[b] if mask is None else exact[b][mask[b].cpu()]
+        cut = cands.sort(descending=True).values[n1 - 1]
+        tol = rel_tol * max(1.0, float(exact[b].abs().max()))
+        assert bool((exact[b][survivors[b].cpu()] >= cut - tol).all()), f"row {b}: stage 1"
+    chosen = ops.greedy_select(visual, keep, objective=kw["objective"], metric=kw["metric"],
+                               mask=survivors, backend=backend)
+    assert torch.equal(chosen.sort(-1).values, got.indices)
+    assert_greedy_matches_literal(visual.cpu(), chosen.cpu(), kw["objective"], kw["metric"],
+                                  survivors.cpu())
+    assert torch.equal(got.tokens, visual.gather(1, got.indices[..., None].expand(
+        -1, -1, visual.shape[-1])))
 
 
 # =========================================================================== CPU cases

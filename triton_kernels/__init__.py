@@ -1,12 +1,12 @@
 """Triton kernels of visprune (installed as ``visprune.triton_kernels``).
 
-Each function has the positional signature of its twin in :mod:`visprune.reference` and
-assumes arguments checked by :mod:`visprune.ops`.  Kernels accumulate in fp32; fp32 dot
-products are true fp32 (``input_precision="ieee"``).
+The launchers live one family a file (``mi_scores``, ``greedy``, ``gather``, ``prune``, and the
+methods' ``holov`` and ``prumerge``); :mod:`.library` registers the four ops with
+``torch.library`` as ``torch.ops.visprune_triton.*``, so ``torch.compile`` treats them as opaque
+ops, like the C++ ones.  The functions exported here call those ops with the positional
+signatures of :mod:`visprune.reference` and assume arguments checked by :mod:`visprune.ops`.
+Kernels accumulate in fp32; fp32 dot products are true fp32 (``input_precision="ieee"``).
 """
-from .gather import gather_compact
-from .greedy import greedy_select
-from .mi_scores import mi_scores
-from .prune import prune
+from .library import gather_compact, greedy_select, mi_scores, prune
 
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune"]

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block, warps
+from .utils import block, on_device, warps
 
 
 @triton.jit
@@ -24,21 +24,26 @@ def _mask_positions_kernel(mask_ptr, idx_ptr, N, K, BLOCK_N: tl.constexpr):
         o_n = n0 + tl.arange(0, BLOCK_N)
         keep = tl.load(mask_ptr + b * N + o_n, mask=o_n < N, other=0).to(tl.int32)
         pos = base + tl.cumsum(keep, axis=0) - keep
-        tl.store(idx_ptr + b * K + pos, o_n.to(tl.int64), mask=keep != 0)
+        # pos < K: a row with more True entries than the first (only without validation) must
+        # not write past its K slots.
+        tl.store(idx_ptr + b * K + pos, o_n.to(tl.int64), mask=(keep != 0) & (pos < K))
         base += tl.sum(keep, axis=0)
 
 
 @triton.jit
-def _gather_rows_kernel(x_ptr, sx_b, sx_n, sx_d, idx_ptr, out_ptr, K, D,
+def _gather_rows_kernel(x_ptr, sx_b, sx_n, sx_d, idx_ptr, out_ptr, N, K, D,
                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program ``(b, block of K, block of D)``: ``out[b, c, :] = x[b, idx[b, c], :]``."""
+    """Program ``(b, block of K, block of D)``: ``out[b, c, :] = x[b, idx[b, c], :]``; an index
+    outside ``[0, N)`` (possible only without validation) reads nothing and writes zeros."""
     b = tl.program_id(0).to(tl.int64)
     o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     o_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_k = o_k < K
     m = m_k[:, None] & (o_d < D)[None, :]
     rows = tl.load(idx_ptr + b * K + o_k, mask=m_k, other=0)
-    vals = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + o_d[None, :] * sx_d, mask=m)
+    m_in = m & ((rows >= 0) & (rows < N))[:, None]
+    vals = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + o_d[None, :] * sx_d, mask=m_in,
+                   other=0)
     tl.store(out_ptr + (b * K + o_k[:, None]) * D + o_d[None, :], vals, mask=m)
 
 
@@ -46,7 +51,9 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """``int64[B, K]`` ascending positions of the True entries (same count per row)."""
     B, N = mask.shape
     K = int(mask[0].sum()) if B else 0
-    idx = torch.empty(B, K, dtype=torch.long, device=mask.device)
+    # Zeros, not empty: a row with fewer True entries than the first (only without validation)
+    # leaves slots unwritten, and they must still be in range for the gather.
+    idx = torch.zeros(B, K, dtype=torch.long, device=mask.device)
     if B and K:
         _mask_positions_kernel[(B,)](mask.to(torch.int8).contiguous(), idx, N, K,
                                      BLOCK_N=block(N, 16, 1024), num_warps=4)
@@ -55,19 +62,20 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, c], :]`` as a contiguous ``[B, K, D]`` tensor of ``x``'s dtype."""
-    B, _, D = x.shape
+    B, N, D = x.shape
     K = index.shape[1]
     out = torch.empty(B, K, D, dtype=x.dtype, device=x.device)
     if out.numel():
         src, dst = (x.view(torch.uint8), out.view(torch.uint8)) if x.dtype == torch.bool else (x, out)
         BLOCK_K, BLOCK_D = block(K, 1, 16), block(D, 16, 256)
         grid = (B, triton.cdiv(K, BLOCK_K), triton.cdiv(D, BLOCK_D))
-        _gather_rows_kernel[grid](src, *src.stride(), index.contiguous(), dst, K, D,
+        _gather_rows_kernel[grid](src, *src.stride(), index.contiguous(), dst, N, K, D,
                                   BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
                                   num_warps=warps(BLOCK_K * BLOCK_D))
     return out
 
 
+@on_device
 def gather_compact(x, index=None, mask=None, sort=True):
     """``(tokens[B, K, D], indices int64[B, K])``; see :func:`visprune.reference.gather_compact`."""
     if mask is not None:

@@ -9,13 +9,15 @@ distances are never recomputed from scratch.  Two paths:
   per-row partial reductions the start rule needs; ``_greedy_gram_kernel`` then runs all ``k``
   steps in one program per row with ``run`` held in registers, reading one distance row a step.
   Rows are processed in batch chunks so the workspace stays under GRAM_BUDGET_BYTES.
-* ``stream`` (large N): no N² buffer.  The start rule's row reductions come from the same tile
-  kernel without the store; each step is one launch of ``_greedy_step_kernel`` over blocks of
-  N that computes ``d(i, s)`` on the fly from the tokens, updates ``run`` in memory and writes
-  one (max, argmax) partial per block; the next launch reduces those partials to find ``s``.
+* ``stream`` (large N): no N² buffer.  maxmin's start rule comes from the same tile kernel
+  without the store; maxsum's is linear in a per-row summary (:func:`_maxsum_start_key`, N·D
+  work).  Each step is one launch of ``_greedy_step_kernel`` over blocks of N that computes
+  ``d(i, s)`` on the fly from the tokens, updates ``run`` in memory and folds its block's
+  (max, argmax) into one packed int64 per row with ``atomic_max``; the next launch reads that
+  one value to find ``s`` (O(1) per program, whatever N).
 
 Ties go to the lowest index everywhere (argmax with left tie-break; across blocks the largest
-value, then the smallest index).  Excluded tokens (non-candidates, already selected) carry
+value, then the smallest index, packed so that one integer max decides both).  Excluded tokens (non-candidates, already selected) carry
 ``-inf``; live ones carry a value >= 0 (distances are clamped), so argmax always finds a live
 candidate while one remains, whatever NaN/Inf the input holds.
 """
@@ -27,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .mi_scores import token_stats
+from .mi_scores import text_summary, token_stats
 from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, interpreting,
-                    warps)
+                    on_device, warps)
 
 GRAM_MAX_N = 4096                  # the in-register running vector of one program
 GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
@@ -153,18 +155,34 @@ def _greedy_gram_kernel(dist_ptr, cand_ptr, part_ptr, out_ptr, N, k, num_splits,
 
 
 @triton.jit
-def _block_partial(key, base, pval_ptr, pidx_ptr, slot):
-    """Store the block's (max, first argmax as a global index) at ``slot``."""
+def _publish(key, base, sel_ptr):
+    """Fold this block's best ``(value, first index)`` into the row's selection slot.
+
+    The pair is packed into one int64 ordered like the choice (larger value first, then lower
+    index): ``(bits(value) + 1) << 32 | (2³² - 1 - index)``; values are >= 0 or ``-inf`` (not a
+    candidate: packs as 0, below any live token).  The bit pattern of a non-negative float orders
+    like its value, so ``atomic_max`` gives the argmax with the left tie-break whatever order the
+    blocks arrive in: deterministic, and no block reads the other blocks' partials.
+    """
     val, idx = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(pval_ptr + slot, val)
-    tl.store(pidx_ptr + slot, (base + idx).to(tl.int32))
+    low = tl.full([], 4294967295, tl.int64) - (base + idx).to(tl.int64)
+    packed = ((val.to(tl.int32, bitcast=True).to(tl.int64) + 1) << 32) | low
+    tl.atomic_max(sel_ptr, tl.where(val >= 0, packed, 0))
 
 
 @triton.jit
-def _greedy_init_kernel(part_ptr, cand_ptr, run_ptr, pval_ptr, pidx_ptr, N, num_splits, start,
-                        num_blocks, OBJ: tl.constexpr, HAS_MASK: tl.constexpr,
-                        AUTO: tl.constexpr, BLOCK: tl.constexpr):
-    """Stream path: the running vector's initial state and the start rule's block partials."""
+def _unpack(packed):
+    """The index of a :func:`_publish` slot (0 when no candidate was left)."""
+    low = packed & tl.full([], 4294967295, tl.int64)
+    return tl.where(packed > 0, tl.full([], 4294967295, tl.int64) - low, 0)
+
+
+@triton.jit
+def _greedy_init_kernel(part_ptr, cand_ptr, run_ptr, sel_ptr, N, num_splits, start,
+                        OBJ: tl.constexpr, HAS_MASK: tl.constexpr, AUTO: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Stream path: the running vector's initial state, and the start rule's choice published
+    to selection slot 0."""
     b = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1)
     o_n = pb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -173,28 +191,24 @@ def _greedy_init_kernel(part_ptr, cand_ptr, run_ptr, pval_ptr, pidx_ptr, N, num_
                             OBJ, HAS_MASK, AUTO, BLOCK)
     init = float("inf") if OBJ == MAXMIN else 0.0
     tl.store(run_ptr + b * N + o_n, tl.where(alive, init, float("-inf")), mask=m_n)
-    # Slot 1 is the "previous" slot of step 0.
-    _block_partial(key, pb * BLOCK, pval_ptr, pidx_ptr, (tl.num_programs(0) + b) * num_blocks + pb)
+    _publish(key, pb * BLOCK, sel_ptr + b)
 
 
 @triton.jit(do_not_specialize=["k", "t"])
-def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pidx_ptr, out_ptr,
-                        N, D, k, t, num_blocks,
-                        METRIC: tl.constexpr, OBJ: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS_P2: tl.constexpr):
-    """Stream path, step ``t``: reduce step ``t-1``'s block partials to the chosen ``s``, record
-    it, then (unless it was the last) fold ``d(·, s)`` into ``run`` and write this step's partials.
-    Partials alternate between two slots so a launch never reads what it writes."""
+def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, sel_ptr, out_ptr,
+                        N, D, k, t, METRIC: tl.constexpr, OBJ: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stream path, step ``t``: read the chosen ``s`` from slot ``t % 3``, record it, then (unless
+    it was the last) fold ``d(·, s)`` into ``run`` and publish this block's best to slot
+    ``(t + 1) % 3``.  Slot ``(t + 2) % 3`` was read by step ``t - 1`` and is written by step
+    ``t + 1``: block 0 clears it now, so no launch reads a slot it or another block writes."""
     b = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1)
     B = tl.num_programs(0)
-    prev = ((t + 1) % 2 * B + b) * num_blocks
-    o_p = tl.arange(0, BLOCKS_P2)
-    vals = tl.load(pval_ptr + prev + o_p, mask=o_p < num_blocks, other=float("-inf"))
-    idxs = tl.load(pidx_ptr + prev + o_p, mask=o_p < num_blocks, other=2147483647)
-    s = tl.min(tl.where(vals == tl.max(vals, axis=0), idxs, 2147483647), axis=0).to(tl.int64)
+    s = _unpack(tl.load(sel_ptr + (t % 3) * B + b))
     if pb == 0:
         tl.store(out_ptr + b * k + t, s)
+        tl.store(sel_ptr + ((t + 2) % 3) * B + b, tl.zeros([], tl.int64))
     if t + 1 < k:
         o_n = pb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m_n = o_n < N
@@ -216,7 +230,7 @@ def _greedy_step_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, run_ptr, pval_ptr, pi
             new = run + d
         run = tl.where((run == float("-inf")) | (o_n == s), float("-inf"), new)
         tl.store(run_ptr + b * N + o_n, run, mask=m_n)
-        _block_partial(run, pb * BLOCK, pval_ptr, pidx_ptr, ((t % 2) * B + b) * num_blocks + pb)
+        _publish(run, pb * BLOCK, sel_ptr + ((t + 1) % 3) * B + b)
 
 
 def _tile(N: int) -> int:
@@ -258,13 +272,34 @@ def _select_gram(x, k, objective, metric, cand, start, norms, out):
             num_warps=warps(BLOCK))
 
 
+def _maxsum_start_key(x, norms, cand, metric):
+    """``float32[B, 1, N]``: maxsum's start key from a per-row summary instead of all pairs.
+
+    ``Σ_j d(i, j)`` over the candidates is linear in their mean: ``n·(1 - x̂_i·mean(x̂))`` for
+    cosine, ``n·||x_i - x̄||² + const`` for l2, so ranking by ``1 - x̂_i·mean(x̂)`` or by
+    ``||x_i - x̄||²`` picks the same token up to rounding (near-ties may order differently from
+    the pairwise sum; exact duplicates get identical keys).  A token whose norm is not finite
+    takes no part in the mean and gets key 0, as its NaN distances count 0 in the pairwise sum.
+    """
+    finite = norms > 0 if metric == "cosine" else torch.isfinite(norms)
+    use = finite if cand is None else finite & (cand != 0)
+    summary = text_summary(x, use, metric, inv=norms if metric == "cosine" else None)
+    score, _ = token_stats(x, summary, score_metric=metric)
+    key = (1.0 - score) if metric == "cosine" else -score
+    return torch.where(finite & (key > 0), key, 0.0)[:, None, :]
+
+
 def _select_stream(x, k, objective, metric, cand, start, norms, out):
     B, N, D = x.shape
     dev = x.device
     auto = not isinstance(start, int)
-    num_splits = STREAM_SPLITS if auto else 1
-    part = torch.empty(B, num_splits, N, dtype=torch.float32, device=dev)
-    if auto:
+    part = torch.empty(B, 1, N, dtype=torch.float32, device=dev)
+    num_splits = 1
+    if auto and objective == "maxsum":
+        part = _maxsum_start_key(x, norms, cand, metric)
+    elif auto:      # maxmin's start needs every pair: tiles without a stored matrix
+        num_splits = STREAM_SPLITS
+        part = torch.empty(B, num_splits, N, dtype=torch.float32, device=dev)
         _start_pass(x, norms, cand, part, None, metric, objective, num_splits)
     # Blocks of 128 tokens (128 programs a row at N = 16384) over 64-wide slices of D, 8 warps:
     # no register spills on sm_90 (1024-token blocks spill at any warp count).
@@ -272,20 +307,20 @@ def _select_stream(x, k, objective, metric, cand, start, norms, out):
     BLOCK_D = block(D, 16, 64)
     num_blocks = triton.cdiv(N, BLOCK)
     run = torch.empty(B, N, dtype=torch.float32, device=dev)
-    pval = torch.empty(2, B, num_blocks, dtype=torch.float32, device=dev)
-    pidx = torch.empty(2, B, num_blocks, dtype=torch.int32, device=dev)
+    sel = torch.zeros(3, B, dtype=torch.int64, device=dev)
     cand_arg = cand if cand is not None else norms
     _greedy_init_kernel[(B, num_blocks)](
-        part, cand_arg, run, pval, pidx, N, num_splits, start if not auto else 0, num_blocks,
+        part, cand_arg, run, sel, N, num_splits, start if not auto else 0,
         OBJ=OBJECTIVES[objective], HAS_MASK=cand is not None, AUTO=auto, BLOCK=BLOCK,
         num_warps=warps(BLOCK))
     for t in range(k):
         _greedy_step_kernel[(B, num_blocks)](
-            x, *x.stride(), norms, run, pval, pidx, out, N, D, k, t, num_blocks,
+            x, *x.stride(), norms, run, sel, out, N, D, k, t,
             METRIC=METRICS[metric], OBJ=OBJECTIVES[objective], BLOCK=BLOCK, BLOCK_D=BLOCK_D,
-            BLOCKS_P2=block(num_blocks, 1), num_warps=8 if BLOCK == 128 else 4)
+            num_warps=8 if BLOCK == 128 else 4)
 
 
+@on_device
 def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: str = "cosine",
                   mask: Optional[torch.Tensor] = None, start: Union[str, int] = "auto",
                   norms: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import COSINE, EPS, L2, METRICS, block, warps
+from .utils import COSINE, EPS, L2, METRICS, block, on_device, warps
 
 # _token_stats_kernel's SCORE is a metric code or NO_SCORE; NORM one of the three below.
 NO_SCORE = tl.constexpr(2)
@@ -102,7 +102,9 @@ def _token_stats_kernel(x_ptr, sx_b, sx_n, sx_d, summ_ptr, resid_ptr, spread_ptr
                 b_r = tl.load(resid_ptr + b * D + d0 + o_d, mask=m_d, other=0.0)
                 dev = tl.where(m_d[None, :], b_x - b_s[None, :], 0.0)
                 acc += tl.sum(dev * (dev - 2.0 * b_r[None, :]), axis=1)
-    inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
+    # NaN stays NaN (the GPU's max would drop it and give 1/EPS): a token with a NaN has a NaN
+    # unit vector, as F.normalize gives it.
+    inv = tl.where(sq == sq, 1.0 / tl.maximum(tl.sqrt(sq), EPS), float("nan"))
     if SCORE == COSINE:
         tl.store(score_ptr + b * N + o_n, acc * inv, mask=m_n)
     if SCORE == L2:
@@ -116,14 +118,17 @@ def _token_stats_kernel(x_ptr, sx_b, sx_n, sx_d, summ_ptr, resid_ptr, spread_ptr
         tl.store(norm_ptr + b * N + o_n, sq, mask=m_n)
 
 
-def text_summary(text: torch.Tensor, text_mask: Optional[torch.Tensor], metric: str):
+def text_summary(text: torch.Tensor, text_mask: Optional[torch.Tensor], metric: str,
+                 inv: Optional[torch.Tensor] = None):
     """``(summary, resid float32[B, D], spread float32[B, blocks])`` of the valid text tokens: the
     mean (l2) or mean unit vector (cosine); for l2 the mean deviation from that (rounded) mean and
-    the spread around it, split over blocks of D."""
+    the spread around it, split over blocks of D.  ``inv``: the tokens' inverse norms for cosine,
+    when a pass over them already gave them."""
     B, M, D = text.shape
     BLOCK_M, BLOCK_D = block(M, 1, 32), block(D, 16, 128)
     num_pd = triton.cdiv(D, BLOCK_D)
-    _, inv = token_stats(text, norm=metric) if metric == "cosine" else (None, None)
+    if metric == "cosine" and inv is None:
+        _, inv = token_stats(text, norm=metric)
     summ, resid = torch.empty(2, B, D, dtype=torch.float32, device=text.device)
     spread = torch.empty(B, num_pd, dtype=torch.float32, device=text.device)
     mask = text_mask.to(torch.int8).contiguous() if text_mask is not None else summ
@@ -156,6 +161,7 @@ def token_stats(x: torch.Tensor, summary: Optional[Tuple[torch.Tensor, ...]] = N
     return score, norms
 
 
+@on_device
 def mi_scores(visual, text, text_mask=None, metric="l2"):
     """``float32[B, N]`` alignment scores; see :func:`visprune.reference.mi_scores`."""
     B, N, _ = visual.shape

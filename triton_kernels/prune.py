@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from visprune.reference import PruneResult, stage1_count, topk_mask
+from visprune.common import PruneResult, topk_mask
 
 from .gather import gather_rows
 from .greedy import greedy_select
 from .mi_scores import text_summary, token_stats
+from .utils import on_device
 
 
+@on_device
 def prune(visual, text, keep, stage1_keep, text_mask=None, mask=None, mi_metric="l2",
           objective="maxsum", metric="cosine") -> PruneResult:
-    """See :func:`visprune.reference.prune`."""
+    """See :func:`visprune.reference.prune`; ``stage1_keep`` is the survivor count."""
     B, N, D = visual.shape
     lengths = torch.full((B,), keep, dtype=torch.long, device=visual.device)
     if B == 0 or keep == 0:
@@ -27,7 +29,7 @@ def prune(visual, text, keep, stage1_keep, text_mask=None, mask=None, mi_metric=
         return PruneResult(visual.new_empty(B, keep, D), empty, lengths)
     scores, norms = token_stats(visual, text_summary(text, text_mask, mi_metric),
                                 score_metric=mi_metric, norm=metric)
-    survivors = topk_mask(scores, stage1_count(N, stage1_keep), mask)
+    survivors = topk_mask(scores, stage1_keep, mask)
     chosen = greedy_select(visual, keep, objective, metric, survivors, "auto", norms=norms)
     indices = chosen.sort(dim=-1).values
     return PruneResult(gather_rows(visual, indices), indices, lengths)

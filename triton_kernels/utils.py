@@ -1,6 +1,9 @@
 """Shared launch helpers and the constants the kernels agree on."""
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -29,3 +32,21 @@ def warps(block_elems: int) -> int:
 def clamp_distance(d):
     """Distances are >= 0: rounding can make them slightly negative; NaN counts as 0."""
     return tl.where(d > 0, d, 0.0)
+
+
+def on_device(launcher):
+    """Run ``launcher`` with its first argument's CUDA device current.
+
+    Triton launches on the current device and stream: tensors on ``cuda:1`` (a model split with
+    ``device_map="auto"``) would otherwise be read by a kernel running on ``cuda:0``.  Every entry
+    point of :mod:`visprune.triton_kernels` carries this guard; CPU tensors (the interpreter) pass
+    through unchanged.
+    """
+    @functools.wraps(launcher)
+    def guarded(x, *args, **kwargs):
+        if x.device.type == "cuda":
+            with torch.cuda.device(x.device):
+                return launcher(x, *args, **kwargs)
+        return launcher(x, *args, **kwargs)
+    guarded.device_guarded = True
+    return guarded

@@ -4,7 +4,8 @@ The ops are registered by the C++ extension ``visprune._C`` (``csrc/ops.cpp``) w
 ``TORCH_LIBRARY``; loading it is what makes ``torch.ops.visprune`` exist.  Importing this module
 never fails: when the extension is missing, :func:`has_cpu` / :func:`has_cuda` are False and
 :data:`IMPORT_ERROR` says why.  The functions take the positional signatures of
-:mod:`visprune.reference`; arguments are validated by :mod:`visprune.ops` (and again in C++).
+:mod:`visprune.reference`; arguments are validated by :mod:`visprune.ops` (C++ repeats only the
+structural checks, which read no tensor data).
 
 The fake (meta) implementations below let ``torch.compile(fullgraph=True)`` trace the ops
 without running them; gather_compact's mask form returns a data-dependent number of rows.
@@ -15,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .reference import PruneResult
+from .common import PruneResult, register_gather_grad
 
 try:
     from . import _C
@@ -61,6 +62,9 @@ if _C is not None:
         return (visual.new_empty((B, keep, D)), visual.new_empty((B, keep), dtype=torch.long),
                 visual.new_empty((B,), dtype=torch.long))
 
+    register_gather_grad("visprune::gather_compact")
+    register_gather_grad("visprune::prune")
+
 
 def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
               metric: str = "l2") -> torch.Tensor:
@@ -81,6 +85,6 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None,
 def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: int,
           text_mask: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
           mi_metric: str = "l2", objective: str = "maxsum", metric: str = "cosine") -> PruneResult:
-    """``stage1_keep`` is the survivor count (:func:`visprune.reference.stage1_count`)."""
+    """``stage1_keep`` is the survivor count (:func:`visprune.common.stage1_count`)."""
     return PruneResult(*torch.ops.visprune.prune(visual, text, keep, stage1_keep, text_mask, mask,
                                                  mi_metric, objective, metric))

@@ -1,7 +1,9 @@
 """Which backend runs an op: availability, the default for a device, the ``VISPRUNE_BACKEND`` override.
 
 Each backend is a module exposing ``mi_scores``, ``greedy_select``, ``gather_compact`` and ``prune``
-with the positional signatures of :mod:`visprune.reference`.  An explicitly requested backend
+with the positional signatures of :mod:`visprune.reference` (``prune`` takes the stage-1 count).
+"triton", "cpu" and "cuda" call ``torch.library`` ops (``torch.ops.visprune_triton.*``,
+``torch.ops.visprune.*``), opaque to ``torch.compile``.  An explicitly requested backend
 that cannot run raises ``RuntimeError`` naming what is missing; nothing falls back silently.
 """
 from __future__ import annotations
@@ -10,7 +12,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -30,6 +32,8 @@ def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
     if device is not None and device.type == "cpu" and not interpreting():
         return False, ("triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                        "imported to run its kernels on CPU tensors")
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
     if device is None and not (torch.cuda.is_available() or interpreting()):
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     return True, "ok"
@@ -51,8 +55,22 @@ def _extension_status(name: str, device: Optional[torch.device]) -> Tuple[bool, 
     return True, "ok"
 
 
-def backend_status(name: str, device: Optional[torch.device] = None) -> Tuple[bool, str]:
+def _device(device: Union[None, str, int, torch.device]) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (a string such as ``"cuda:1"`` or an index, as torch
+    takes them), or None."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device, a device string such as 'cpu' or "
+                         f"'cuda:1', or None, got {device!r}") from e
+
+
+def backend_status(name: str, device: Union[None, str, int, torch.device] = None
+                   ) -> Tuple[bool, str]:
     """``(available, reason)`` of backend ``name`` for tensors on ``device`` (None: any)."""
+    device = _device(device)
     if name == "reference":
         return True, "ok"
     if name == "triton":
@@ -62,8 +80,10 @@ def backend_status(name: str, device: Optional[torch.device] = None) -> Tuple[bo
     raise ValueError(f"backend must be one of {(None,) + BACKENDS}, got {name!r}")
 
 
-def available_backends(device: Optional[torch.device] = None) -> Dict[str, str]:
-    """Map each backend name to ``"ok"`` or the reason it cannot run (on ``device`` if given)."""
+def available_backends(device: Union[None, str, int, torch.device] = None) -> Dict[str, str]:
+    """Map each backend name to ``"ok"`` or the reason it cannot run (on ``device`` if given:
+    a ``torch.device`` or a string such as ``"cpu"`` or ``"cuda:1"``)."""
+    device = _device(device)
     return {name: backend_status(name, device)[1] for name in BACKENDS}
 
 

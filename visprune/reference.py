@@ -15,41 +15,26 @@ Numerical conventions shared by every backend (see ``README.md``):
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
+from .common import EPS, PruneResult, descending_order, stage1_count, topk_mask, true_fp32
+
+__all__ = ["mi_scores", "pairwise_distance", "greedy_select", "gather_compact", "prune",
+           "PruneResult", "stage1_count", "descending_order", "topk_mask"]
 
 
-class PruneResult(NamedTuple):
-    """Output of :func:`prune` and of the methods.
-
-    ``tokens[B, L, D]``: the kept (or merged) tokens; ``indices[B, L]`` int64: their input
-    positions (-1 for a synthesised token or padding); ``lengths[B]`` int64: valid rows per item.
-    """
-
-    tokens: torch.Tensor
-    indices: torch.Tensor
-    lengths: torch.Tensor
-
-
-@contextlib.contextmanager
-def _true_fp32():
-    """Selection is discrete and TF32 rounding flips choices: force IEEE fp32 products."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous float32.  Contiguous because a reduction over ``D`` of a D-major view
+    rounds bitwise-identical tokens differently by position, and exact duplicates must tie."""
+    return x.float().contiguous()
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1, eps=EPS)
+    return F.normalize(_fp32(x), dim=-1, eps=EPS)
 
 
 def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -68,11 +53,11 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
     ``l2``: ``-(1/M_b) Σ_j ||v_i - t_j||²``; ``cosine``: ``(1/M_b) Σ_j cos(v_i, t_j)``, the mean
     over the valid text tokens ``j`` of row ``b``.
     """
-    with _true_fp32():
+    with true_fp32():
         if metric == "cosine":
             sim = _normalize(visual) @ _normalize(text).transpose(1, 2)          # [B, N, M]
             return _masked_mean(sim, text_mask)
-        v, t = visual.float(), text.float()
+        v, t = _fp32(visual), _fp32(text)
         # Distances do not change under a common shift: centring on the text mean keeps a large
         # common offset from cancelling in the rounding of the expanded square.
         valid = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if text_mask is None \
@@ -86,12 +71,12 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
 
 def pairwise_distance(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
     """``float32[B, N, N]`` distances: ``1 - cos`` or squared L2, clamped to ``[0, inf]``."""
-    with _true_fp32():
+    with true_fp32():
         if metric == "cosine":
             xn = _normalize(x)
             d = 1.0 - xn @ xn.transpose(1, 2)
         else:
-            xf = x.float()
+            xf = _fp32(x)
             sq = (xf * xf).sum(-1)
             d = sq[:, :, None] + sq[:, None, :] - 2.0 * xf @ xf.transpose(1, 2)
     return torch.where(d > 0, d, torch.zeros_like(d))      # also maps NaN to 0
@@ -153,30 +138,6 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None,
         index = index.long().sort(dim=-1).values if sort else index.long().clone()
     tokens = torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
     return tokens, index
-
-
-def stage1_count(n: int, stage1_keep: Union[int, float]) -> int:
-    """Stage-1 survivors: an int as is; a float fraction of ``n`` rounded half up."""
-    if isinstance(stage1_keep, float):
-        return int(math.floor(stage1_keep * n + 0.5))
-    return int(stage1_keep)
-
-
-def descending_order(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``int64[..., N]``: positions by descending score, ties → lowest index (a stable sort;
-    ``torch.topk`` does not promise it).  NaN and ``-inf`` rank after every real score, and
-    positions where ``mask`` is False after those."""
-    lowest = torch.finfo(torch.float32).min
-    key = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest)
-    if mask is not None:
-        key = key.masked_fill(~mask, -math.inf)
-    return key.sort(dim=-1, descending=True, stable=True).indices
-
-
-def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
-    order = descending_order(scores, mask)[:, :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
 
 
 def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Union[int, float] = 0.8,

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..reference import PruneResult
+from ..common import PruneResult
 
 
 def divprune(visual: torch.Tensor, keep: int, *, mask: Optional[torch.Tensor] = None,
@@ -20,6 +20,7 @@ def divprune(visual: torch.Tensor, keep: int, *, mask: Optional[torch.Tensor] = 
     """
     chosen = ops.greedy_select(visual, keep, objective="maxmin", metric="cosine", mask=mask,
                                start="auto", backend=backend)
-    tokens, indices = ops.gather_compact(visual, chosen, sort=True, backend=backend)
+    tokens, indices = ops.gather_compact(visual, chosen, sort=True, backend=backend,
+                                         validate=False)   # greedy's indices are valid
     lengths = torch.full((visual.shape[0],), keep, dtype=torch.long, device=visual.device)
     return PruneResult(tokens, indices, lengths)

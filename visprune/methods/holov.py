@@ -12,11 +12,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import ops
-from ..ops import _count, _tensor
-from ..reference import PruneResult, _true_fp32
-from ..reference import descending_order
-from ._common import matching, use_triton
+from .. import checks, ops
+from ..common import PruneResult, descending_order, true_fp32
+from ._common import use_triton
 
 __all__ = ["holov", "crop_layout", "similarity_variance", "crop_scores", "allocate"]
 
@@ -46,7 +44,7 @@ def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     _, _, pos, valid = crop_layout(N, num_crops, features.device)
     x = features.float()[:, pos]                                          # [B, C, Mmax, D]
     f = x / (x.norm(dim=-1, keepdim=True) + _NORM_EPS)
-    with _true_fp32():
+    with true_fp32():
         s = f @ f.transpose(-1, -2)
     eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
     s = s.masked_fill(~(valid[:, :, None] & valid[:, None, :]) | eye, 0.0)
@@ -81,7 +79,8 @@ def _share(scores: torch.Tensor, budget: torch.Tensor, eligible: torch.Tensor) -
     q = torch.floor(w * budget[:, None]).clamp(min=0).long()
     rest = (budget - q.sum(-1)).clamp(min=0)
     order = torch.where(eligible, w, -torch.inf).sort(dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(C).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(C, device=order.device).expand_as(order))
     n = eligible.sum(-1).clamp(min=1)
     extra = (rest // n)[:, None] + (rank < (rest % n)[:, None]).long()
     return q + torch.where(eligible, extra, 0)
@@ -89,22 +88,28 @@ def _share(scores: torch.Tensor, budget: torch.Tensor, eligible: torch.Tensor) -
 
 def allocate(scores: torch.Tensor, size: torch.Tensor, keep: int,
              redistribute: bool = True) -> torch.Tensor:
-    """``int64[B, C]`` tokens taken per crop (``<= size``), on the CPU in float64.
+    """``int64[B, C]`` tokens taken per crop (``<= size``), in float64 on the scores' device.
 
     ``redistribute=False``: one round of :func:`_share` over all crops, each crop then takes
     ``min(q, M)`` (the original; what a full crop cannot use is lost, and zero-padded later).
     ``redistribute=True``: the overflow of full crops is shared again among the crops that are
     not full, by the same rule, until none overflows (at most ``C`` rounds: each one fills a
-    crop for good).
+    crop for good; a round without overflow changes nothing).
+
+    A crop score that is NaN (a NaN in ``attn``) counts as 0 and ``+inf`` as the largest float32,
+    so every image still gets exactly ``keep`` tokens where the crops hold them.
     """
-    scores = scores.detach().to("cpu", torch.float64)
-    size = size.to("cpu")
+    lim = torch.finfo(torch.float32).max
+    scores = torch.nan_to_num(scores.detach().double(), nan=0.0, posinf=lim, neginf=0.0)
+    size = size.to(scores.device)
     B, C = scores.shape
-    all_crops = torch.ones(B, C, dtype=torch.bool)
-    q = _share(scores, torch.full((B,), keep, dtype=torch.long), all_crops)
+    all_crops = torch.ones(B, C, dtype=torch.bool, device=scores.device)
+    q = _share(scores, torch.full((B,), keep, dtype=torch.long, device=scores.device), all_crops)
+    on_host = scores.device.type == "cpu"
     for _ in range(C if redistribute else 0):
         overflow = (q - size).clamp(min=0).sum(-1)
-        if not bool((overflow > 0).any()):
+        # The early exit reads the device; it is taken only where that costs no sync.
+        if on_host and not bool((overflow > 0).any()):
             break
         q = torch.minimum(q, size)
         q = q + _share(scores, overflow, q < size)
@@ -150,20 +155,19 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
     order, else descending attention.  Zero-padded rows (only with ``redistribute=False``) have
     index -1 and count in ``lengths``: the original feeds those zero tokens to the model.
     """
-    _tensor("features", features, 3, "[B, N, D]")
-    _tensor("attn", attn, 2, "[B, N]")
-    matching("attn", attn, "features", features, "[B, N]", 2)
+    checks.tensor("features", features, 3, "[B, N, D]")
+    checks.tensor("attn", attn, 2, "[B, N]")
+    checks.matching("attn", attn, "features", features, "[B, N]", 2)
     B, N, _ = features.shape
-    keep = _count("keep", keep)
+    keep = checks.count("keep", keep)
     if keep > N:
         raise ValueError(f"keep={keep} is larger than the number of tokens N={N}")
-    num_crops = _count("num_crops", num_crops)
+    num_crops = checks.count("num_crops", num_crops)
     if num_crops == 0:
         raise ValueError("num_crops must be >= 1, got 0")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
-    if not isinstance(redistribute, bool):
-        raise TypeError(f"redistribute must be a bool, got {type(redistribute).__name__}")
+    checks.flag("redistribute", redistribute)
 
     if use_triton(backend, features.device):
         from visprune.triton_kernels import holov as _kernels
@@ -171,10 +175,11 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
     else:
         variance = similarity_variance(features, num_crops)
     scores = crop_scores(variance, attn, num_crops, float(alpha))
-    size = crop_layout(N, num_crops)[1]
-    take = allocate(scores, size, keep, redistribute).to(features.device)
+    size = crop_layout(N, num_crops, features.device)[1]
+    take = allocate(scores, size, keep, redistribute)
     index, fill = _kept_positions(attn, num_crops, take, keep)
-    tokens, _ = ops.gather_compact(features, fill, sort=False, backend=backend)
+    # fill is distinct and in range by construction: no value check (and no sync) needed
+    tokens, _ = ops.gather_compact(features, fill, sort=False, backend=backend, validate=False)
     tokens = tokens.masked_fill((index < 0)[..., None], 0)
     lengths = torch.full((B,), keep, dtype=torch.long, device=features.device)
     return PruneResult(tokens, index, lengths)

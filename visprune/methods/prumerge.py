@@ -12,14 +12,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops import _choice, _tensor
-from ..reference import EPS, PruneResult, _true_fp32, descending_order
-from ._common import matching, use_triton
+from .. import checks
+from ..common import EPS, NAN_COSINE, PruneResult, descending_order, true_fp32
+from ._common import use_triton
 
 __all__ = ["prumerge", "prumerge_cls_attention", "outlier_ratio", "raster_step", "merge_reference"]
 
 NEIGHBOURS = 32          # the original's cluster size: each kept token absorbs its 32 nearest keys
-_NAN_COSINE = -3.0       # a NaN cosine ranks below every real one (|cos| <= 1), in index order
 
 
 def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -28,17 +27,17 @@ def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     ``q``, ``k``: ``[B, N+1, C]``, the raw ``q_proj`` / ``k_proj`` outputs of CLIP's last layer
     (CLS first) taken as one C-wide head, as the original does.  Only the CLS row is computed.
     """
-    _tensor("q", q, 3, "[B, N+1, C]")
-    _tensor("k", k, 3, "[B, N+1, C]")
+    checks.tensor("q", q, 3, "[B, N+1, C]")
+    checks.tensor("k", k, 3, "[B, N+1, C]")
     if q.shape != k.shape:
         raise ValueError(f"k must have the shape of q [B, N+1, C] = {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}")
-    matching("k", k, "q", q, "[B, N+1, C]", 3)
+    checks.matching("k", k, "q", q, "[B, N+1, C]", 3)
     if q.shape[1] < 2:
         raise ValueError(f"q and k need the CLS token and at least one patch (N+1 >= 2), "
                          f"got N+1={q.shape[1]}")
     scale = q.shape[-1] ** -0.5
-    with _true_fp32():
+    with true_fp32():
         logits = (q[:, :1].float() @ k.float().transpose(1, 2)) * scale        # [B, 1, N+1]
     return logits.softmax(-1)[:, 0, 1:]
 
@@ -108,15 +107,15 @@ def merge_reference(keys: torch.Tensor, features: torch.Tensor, attn: torch.Tens
     valid = index >= 0
     safe = index.clamp(min=0)
     kn = F.normalize(keys.float(), dim=-1, eps=EPS)
-    with _true_fp32():
+    with true_fp32():
         cos = kn.gather(1, safe[..., None].expand(-1, -1, kn.shape[-1])) @ kn.transpose(1, 2)
-    cos = torch.where(cos.isnan(), _NAN_COSINE, cos).scatter_(2, safe[..., None], -math.inf)
+    cos = torch.where(cos.isnan(), NAN_COSINE, cos).scatter_(2, safe[..., None], -math.inf)
     nbr = cos.sort(dim=-1, descending=True, stable=True).indices[..., :min(NEIGHBOURS, N - 1)]
     weights = torch.zeros(B, L, N, device=keys.device)
     weights.scatter_(2, nbr, attn.float().gather(1, nbr.flatten(1)).view_as(nbr))
     weights.scatter_(2, safe[..., None], 1.0)                    # the kept token itself
     weights *= valid[..., None]
-    with _true_fp32():
+    with true_fp32():
         out.copy_(weights @ features.float())
 
 
@@ -143,14 +142,13 @@ def prumerge(features: torch.Tensor, cls_attn: torch.Tensor, keys: torch.Tensor,
     extra token ``Σ_{j not kept} cls_attn_j · x_j`` (index -1); then zero padding (index -1).
     ``lengths[b]`` counts the kept tokens plus the extra one.
     """
-    _tensor("features", features, 3, "[B, N, D]")
-    _tensor("cls_attn", cls_attn, 2, "[B, N]")
-    _tensor("keys", keys, 3, "[B, N, Dk]")
-    matching("cls_attn", cls_attn, "features", features, "[B, N]", 2)
-    matching("keys", keys, "features", features, "[B, N, Dk]", 2)
-    _choice("iqr_scope", iqr_scope, ("image", "batch"))
-    if not isinstance(plus, bool):
-        raise TypeError(f"plus must be a bool, got {type(plus).__name__}")
+    checks.tensor("features", features, 3, "[B, N, D]")
+    checks.tensor("cls_attn", cls_attn, 2, "[B, N]")
+    checks.tensor("keys", keys, 3, "[B, N, Dk]")
+    checks.matching("cls_attn", cls_attn, "features", features, "[B, N]", 2)
+    checks.matching("keys", keys, "features", features, "[B, N, Dk]", 2)
+    checks.choice("iqr_scope", iqr_scope, ("image", "batch"))
+    checks.flag("plus", plus)
     B, N, D = features.shape
     if N == 0:
         raise ValueError("features must have at least one token (N >= 1), got N=0")
@@ -170,7 +168,7 @@ def prumerge(features: torch.Tensor, cls_attn: torch.Tensor, keys: torch.Tensor,
         _kernels.merge(keys, features, a, index, tokens[:, :L], neighbours=NEIGHBOURS)
     else:
         merge_reference(keys, features, a, index, tokens[:, :L])
-    with _true_fp32():
+    with true_fp32():
         extra = (a * ~selected)[:, None, :] @ features.float()          # [B, 1, D]
     tokens.scatter_(1, lengths.view(B, 1, 1).expand(B, 1, D), extra.to(tokens.dtype))
     return PruneResult(tokens, F.pad(index, (0, 1), value=-1), lengths + 1)

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .. import ops
-from ..reference import PruneResult
+from ..common import PruneResult
 
 
 def trimtokenator(visual: torch.Tensor, text: torch.Tensor, keep: int, *,

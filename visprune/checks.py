@@ -1,0 +1,227 @@
+"""Argument checks: the one place where visprune validates what a caller passes.
+
+Every public entry point (:mod:`visprune.ops`, :mod:`visprune.methods`, the integrations) checks
+its arguments here before any work.  Two kinds of check:
+
+* structural ones (type, shape, dtype, device, option names, Python ints) read no tensor data and
+  always run;
+* value checks (mask counts, index ranges, duplicate indices) read tensor data, i.e. make the host
+  wait for the device.  They run by default; ``validate=False`` on an op skips them for a
+  sync-free call (CUDA-graph capture, a hot loop on indices visprune itself produced), and they
+  are skipped while ``torch.compile`` traces, where they would break the graph.  The kernels stay
+  memory-safe without them.
+
+A failed check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or value)
+whose message names the argument, what was received and what was expected.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# gather_compact copies rows of any of these; complex and float8 are refused (not every
+# backend can gather them, and nothing in visprune produces them).
+GATHER_DTYPES = FLOATS + (torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+                          torch.uint8, torch.bool)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, t, ndim: int, layout: str, dtypes=FLOATS) -> torch.Tensor:
+    """``t`` is a tensor with ``ndim`` dims (``layout`` names them) and one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {dtype_names(dtypes)}, got {t.dtype}")
+    return t
+
+
+def same_device(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         f"they must be on the same device")
+
+
+def matching(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, layout: str,
+             dims: int) -> None:
+    """``t`` agrees with ``ref`` on the first ``dims`` dimensions and lives on the same device."""
+    want = tuple(ref.shape[:dims])
+    if tuple(t.shape[:dims]) != want:
+        raise ValueError(f"{name} must have shape {layout} with {'×'.join(map(str, want))} "
+                         f"leading dims matching {ref_name}, got {tuple(t.shape)}")
+    same_device(ref_name, ref, name, t)
+
+
+def bool_mask(name: str, mask, ref_name: str, ref: torch.Tensor, shape: Tuple[int, int],
+              layout: str) -> Optional[torch.Tensor]:
+    """``None`` or a ``bool`` tensor of ``shape`` on ``ref``'s device."""
+    if mask is None:
+        return None
+    tensor(name, mask, 2, layout, dtypes=(torch.bool,))
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(mask.shape)}")
+    same_device(ref_name, ref, name, mask)
+    return mask
+
+
+def choice(name: str, value, options) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    """``value`` as a Python int: an int, a NumPy integer, or a 0-d integer tensor.
+
+    Bools (Python, NumPy or tensor), floats and tensors with dims are refused: ``k=True`` or
+    ``k=torch.tensor([3])`` is far more likely a mistake than a count.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_floating_point \
+                or value.dtype.is_complex:
+            raise TypeError(f"{name} must be an int, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        return int(value)
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def count(name: str, value) -> int:
+    """A non-negative :func:`integer`."""
+    value = integer(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def fraction_or_count(name: str, value):
+    """An int count, or a float fraction in ``(0, 1]`` (returned as a Python float)."""
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} as a fraction must be in (0, 1], got {value}")
+        return value
+    try:
+        return integer(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int count or a float fraction, "
+                        f"got {type(value).__name__}") from None
+
+
+# --------------------------------------------------------------------------- the ops' checks
+def read(*values: torch.Tensor) -> list:
+    """Scalars computed on the device, read back with one sync."""
+    return torch.stack([v.reshape(()).to(torch.long) for v in values]).tolist()
+
+
+def selection(x, k, objective, metric, mask, start, xname="x", kname="k"):
+    """Structural checks of greedy selection; returns ``(k, mask, start)``, start as int or -1."""
+    B, N, _ = x.shape
+    choice("objective", objective, ("maxmin", "maxsum"))
+    choice("metric", metric, ("cosine", "l2"))
+    mask = bool_mask("mask", mask, xname, x, (B, N), "[B, N]")
+    k = count(kname, k)
+    if k > N:
+        raise ValueError(f"{kname}={k} is larger than the number of candidate tokens (N={N})")
+    if isinstance(start, str) and start == "auto":
+        return k, mask, -1
+    try:
+        start = integer("start", start)
+    except TypeError:
+        raise ValueError(f"start must be 'auto' or an int index in [0, {N}), got {start!r}") from None
+    if not 0 <= start < N:
+        raise ValueError(f"start={start} is out of range for N={N}")
+    return k, mask, start
+
+
+def candidates(mask, k, start, what=None, extra=()):
+    """Value checks of greedy selection (plus ``extra`` ``(flag tensor, message)`` pairs), one
+    sync; ``what`` names the count in the message (default ``k=...``)."""
+    tests = list(extra)
+    if mask is not None and mask.shape[0] and k > 0:
+        tests.append((mask.sum(-1).min() < k, None))
+        if start >= 0:
+            tests.append((~mask[:, start].all(), f"start={start} is not a candidate (mask is False "
+                                                 f"there) in every row"))
+    if not tests:
+        return
+    for (failed, message), bad in zip(tests, read(*(t for t, _ in tests))):
+        if bad and message is None:
+            fewest = int(mask.sum(-1).min())
+            raise ValueError(f"{what or f'k={k}'} is larger than the number of candidate tokens "
+                             f"({fewest} in the sparsest mask row)")
+        if bad:
+            raise ValueError(message() if callable(message) else message)
+
+
+def text_args(visual, text, text_mask, metric, metric_name="metric"):
+    """Structural checks of the text arguments; returns ``(text_mask, value check or None)``."""
+    tensor("text", text, 3, "[B, M, D]")
+    B, N, D = visual.shape
+    if text.shape[0] != B or text.shape[2] != D:
+        raise ValueError(f"text must have shape [B, M, D] = [{B}, M, {D}] to match visual, "
+                         f"got {tuple(text.shape)}")
+    if text.shape[1] == 0:
+        raise ValueError("text must have at least one token (M >= 1), got M=0")
+    same_device("visual", visual, "text", text)
+    if text.dtype != visual.dtype:
+        raise TypeError(f"text has dtype {text.dtype} but visual has {visual.dtype}; "
+                        f"they must have the same dtype")
+    choice(metric_name, metric, ("l2", "cosine"))
+    text_mask = bool_mask("text_mask", text_mask, "visual", visual, (B, text.shape[1]), "[B, M]")
+    if text_mask is None or B == 0:
+        return text_mask, None
+
+    def message():
+        empty = (~text_mask.any(-1)).nonzero().flatten().tolist()
+        return f"text_mask has no True entry in row(s) {empty}: every row needs a text token"
+    return text_mask, ((~text_mask.any(-1)).any(), message)
+
+
+def gather_args(x, index, mask, sort, values: bool) -> None:
+    """``gather_compact``'s checks (``x`` already checked); value checks when ``values``."""
+    B, N, _ = x.shape
+    if (index is None) == (mask is None):
+        raise ValueError("gather_compact needs exactly one of index or mask")
+    flag("sort", sort)
+    if mask is not None:
+        bool_mask("mask", mask, "x", x, (B, N), "[B, N]")
+        if B > 0 and values:
+            counts = mask.sum(-1)
+            if read((counts != counts[0]).any())[0]:
+                raise ValueError(f"mask rows keep different counts {counts.tolist()}; "
+                                 f"every row must keep the same number of tokens")
+        return
+    if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.dtype not in INDEX_DTYPES:
+        got = (f"{index.dtype} tensor of shape {tuple(index.shape)}"
+               if isinstance(index, torch.Tensor) else type(index).__name__)
+        raise TypeError(f"index must be an integer tensor of shape [B, K] and dtype "
+                        f"{dtype_names(INDEX_DTYPES)}, got {got}")
+    if index.shape[0] != B:
+        raise ValueError(f"index must have shape [B, K] with B={B}, got {tuple(index.shape)}")
+    same_device("x", x, "index", index)
+    if index.numel() and values:
+        srt = index.sort(-1).values
+        lo, hi, dup = read(srt[:, 0].min(), srt[:, -1].max(), (srt[:, 1:] == srt[:, :-1]).any())
+        if lo < 0 or hi >= N:
+            raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {N})")
+        if dup:
+            raise ValueError("index has duplicate entries within a row")

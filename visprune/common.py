@@ -1,0 +1,92 @@
+"""What every backend shares: the result type, the contract's constants and the stage-1 rule.
+
+Production code (ops, backends, kernels, methods, integrations) takes these from here and never
+from :mod:`visprune.reference`, which is the tests' oracle: a bug in shared code must not hide in
+both the thing tested and the thing it is tested against.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+EPS = 1e-12            # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
+NAN_COSINE = -3.0      # a NaN cosine ranks below every real one (|cos| <= 1), in index order
+
+
+class PruneResult(NamedTuple):
+    """Output of :func:`visprune.ops.prune` and of the methods.
+
+    ``tokens[B, L, D]``: the kept (or merged) tokens; ``indices[B, L]`` int64: their input
+    positions (-1 for a synthesised token or padding); ``lengths[B]`` int64: valid rows per item.
+    """
+
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    lengths: torch.Tensor
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """IEEE fp32 matrix products inside the block (selection is discrete: TF32 rounding flips
+    choices).  Changes torch's matmul precision only when it is not already ``"highest"`` and
+    restores it on exit, so a caller that keeps the default never sees a global change."""
+    old = torch.get_float32_matmul_precision()
+    if old == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def stage1_count(n: int, stage1_keep: Union[int, float]) -> int:
+    """Stage-1 survivors: an int as is; a float fraction of ``n`` rounded half up."""
+    if isinstance(stage1_keep, float):
+        return int(math.floor(stage1_keep * n + 0.5))
+    return int(stage1_keep)
+
+
+def descending_order(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``int64[..., N]``: positions by descending score, ties → lowest index (a stable sort;
+    ``torch.topk`` does not promise it).  NaN and ``-inf`` rank after every real score, and
+    positions where ``mask`` is False after those."""
+    lowest = torch.finfo(torch.float32).min
+    key = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest)
+    if mask is not None:
+        key = key.masked_fill(~mask, -math.inf)
+    return key.sort(dim=-1, descending=True, stable=True).indices
+
+
+def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
+    order = descending_order(scores, mask)[:, :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def register_gather_grad(qualname: str) -> None:
+    """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
+    from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
+    differentiable w.r.t. ``x`` on every backend, as ``torch.gather`` makes it in the reference;
+    the selection itself is discrete and passes no gradient.  Every other input gets ``None``."""
+    op = getattr(getattr(torch.ops, qualname.split("::")[0]), qualname.split("::")[1]).default
+    n_inputs = len(op._schema.arguments)
+
+    def setup_context(ctx, inputs, output):
+        ctx.x_shape = inputs[0].shape
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_tokens, *_):
+        if grad_tokens is None:
+            return (None,) * n_inputs
+        (index,) = ctx.saved_tensors
+        grad = grad_tokens.new_zeros(ctx.x_shape)
+        if grad_tokens.numel():
+            grad.scatter_add_(1, index[..., None].expand(-1, -1, ctx.x_shape[-1]), grad_tokens)
+        return (grad,) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
