@@ -1,6 +1,7 @@
 """visprune.enable on Hugging Face transformers' LLaVA-1.5 and LLaVA-NeXT: tiny random models
 built from configs (no downloads), fp32 on the CPU."""
 import copy
+import math
 import subprocess
 import sys
 
@@ -29,22 +30,29 @@ def _configs():
     return vision, text
 
 
-@pytest.fixture(scope="module")
-def llava():
-    torch.manual_seed(0)
+def _build(family):
+    """A tiny random ``"llava"`` (LLaVA-1.5) or ``"llava_next"`` model, the same on every call."""
     vision, text = _configs()
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE)
-    return transformers.LlavaForConditionalGeneration(config).eval()
-
-
-@pytest.fixture(scope="module")
-def llava_next():
+    if family == "llava":
+        torch.manual_seed(0)
+        config = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                          image_token_id=IMAGE)
+        return transformers.LlavaForConditionalGeneration(config).eval()
     torch.manual_seed(1)
-    vision, text = _configs()
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text,
                                           image_token_id=IMAGE,
                                           image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
     return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return _build("llava")
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    return _build("llava_next")
 
 
 @pytest.fixture(params=["llava", "llava_next"])
@@ -58,7 +66,7 @@ def _batch(model, prompts, *, side="left", seed=0):
     g = torch.Generator().manual_seed(seed)
     images = sum(p.count("<image>") for p in prompts)
     inputs = {}
-    if isinstance(model, transformers.LlavaNextForConditionalGeneration):
+    if images and isinstance(model, transformers.LlavaNextForConditionalGeneration):
         sizes = torch.tensor([[20, 50], [40, 33], [56, 56], [30, 20]][:images])
         inputs["pixel_values"] = torch.randn(images, 5, 3, 28, 28, generator=g)
         inputs["image_sizes"] = sizes
@@ -214,6 +222,112 @@ def test_generate_options(llava_next):
     assert torch.equal(chunked, greedy) and torch.equal(no_cache, greedy)
     assert beams.sequences.shape == (4, width + 4)
     assert torch.equal(beams.sequences[:, :width], inputs["input_ids"].repeat_interleave(2, 0))
+
+
+# --------------------------------------------------------------------------- generation lengths
+EOS = 2                                 # the Llama config's eos_token_id
+
+
+class _EosBias(transformers.LogitsProcessor):
+    """Adds ``bias`` to the EOS logit after generate()'s own processors: ``1e4`` makes EOS the
+    greedy choice wherever ``min_length`` / ``min_new_tokens`` allow it, ``-inf`` bans it, so
+    the step where a run stops depends on the length options alone, not on the prompt.  Bans
+    the image placeholder too: a random model may pick it, and with ``use_cache=False`` the
+    model would then count it as one more image token (with or without pruning)."""
+
+    def __init__(self, bias):
+        self.bias = bias
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, EOS] += self.bias
+        scores[:, IMAGE] = -math.inf
+        return scores
+
+
+def _stop_steps(out, width):
+    """Per row, the step of the first generated EOS (-1: none)."""
+    eos = out[:, width:] == EOS
+    return torch.where(eos.any(1), eos.int().argmax(1), -1).tolist()
+
+
+def _assert_lengths_as_unpruned(model, inputs, eos, **options):
+    """``generate(**options)`` with pruning returns what the unpruned run returns, but for the
+    new tokens' values: the same shape, the caller's prompt in front, EOS at the same steps."""
+    width = inputs["input_ids"].shape[1]
+    given = options.get("generation_config")
+    before = None if given is None else given.to_dict()
+    if given is None:
+        options = dict(options, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    processors = transformers.LogitsProcessorList([_EosBias(eos)])
+    unpruned = model.generate(**inputs, **options, logits_processor=processors)
+    with visprune.enable(model, "divprune", 4):
+        pruned = model.generate(**inputs, **options, logits_processor=processors)
+    assert pruned.shape == unpruned.shape
+    assert torch.equal(pruned[:, :width], inputs["input_ids"])
+    assert _stop_steps(pruned, width) == _stop_steps(unpruned, width)
+    assert given is None or given.to_dict() == before           # the caller's config untouched
+    return unpruned
+
+
+LENGTHS = {
+    "max_length": lambda w: {"max_length": w + 3},
+    "max_and_min_length": lambda w: {"max_length": w + 6, "min_length": w + 4},
+    "min_length": lambda w: {"min_length": w + 5},
+    "max_new_tokens": lambda w: {"max_new_tokens": 3},
+    "min_new_tokens": lambda w: {"max_new_tokens": 8, "min_new_tokens": 4},
+    "min_length_and_max_new_tokens": lambda w: {"max_new_tokens": 7, "min_length": w + 2},
+    "generation_config": lambda w: {"generation_config": transformers.GenerationConfig(
+        max_length=w + 6, min_length=w + 2, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)},
+    "default": lambda w: {},
+}
+
+
+@pytest.mark.parametrize("eos", [1e4, -math.inf], ids=["eager_eos", "no_eos"])
+@pytest.mark.parametrize("case", list(LENGTHS))
+def test_generate_counts_lengths_on_the_callers_prompt(model, case, eos):
+    inputs = _batch(model, PROMPTS)
+    width = inputs["input_ids"].shape[1]
+    out = _assert_lengths_as_unpruned(model, inputs, eos, **LENGTHS[case](width))
+    if case == "max_length" and eos < 0:                        # 21 + 16 + 2 = 23 tokens (LLaVA)
+        assert out.shape[1] == width + 3
+
+
+def test_generate_counts_the_models_generation_config_on_the_callers_prompt(llava):
+    inputs = _batch(llava, PROMPTS)
+    width = inputs["input_ids"].shape[1]
+    saved = copy.deepcopy(llava.generation_config)
+    try:
+        llava.generation_config.max_length = width + 5
+        llava.generation_config.min_length = width + 3
+        for eos in (1e4, -math.inf):
+            _assert_lengths_as_unpruned(llava, inputs, eos)
+    finally:
+        llava.generation_config = saved
+
+
+def test_generate_default_length_bounded_by_max_position_embeddings(llava):
+    """Without a length option generate() makes 20 new tokens, but no more than the config's
+    ``max_position_embeddings`` allows for the whole sequence, the caller's prompt included."""
+    inputs = _batch(llava, PROMPTS)
+    width = inputs["input_ids"].shape[1]
+    llava.config.max_position_embeddings = width + 7
+    try:
+        out = _assert_lengths_as_unpruned(llava, inputs, -math.inf)
+    finally:
+        del llava.config.max_position_embeddings
+    assert out.shape[1] == width + 7
+
+
+def test_generate_max_length_within_the_prompt(llava):
+    inputs = _batch(llava, PROMPTS)
+    width = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="max_length"):
+        llava.generate(**inputs, max_length=width, pad_token_id=PAD)
+    with visprune.enable(llava, "divprune", 4), _VisionCalls(llava) as v:
+        with pytest.raises(ValueError, match=f"{width} tokens long, but max_length is {width}"):
+            llava.generate(**inputs, max_length=width, pad_token_id=PAD)
+        assert v.calls == 0
 
 
 # --------------------------------------------------------------------------- forward

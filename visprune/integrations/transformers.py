@@ -23,7 +23,8 @@ How it plugs in (no model code is replaced and no weight is touched):
   so that generate()'s own bookkeeping (the attention mask grown by one per step, the KV-cache
   length, beam expansion, chunked prefill) runs on the shrunk, left-padded prompt.  The caller's
   prompt is put back in front of the generated tokens, so ``out[:, input_ids.shape[1]:]`` are
-  the new tokens as without pruning.
+  the new tokens as without pruning.  Lengths are counted on the caller's prompt, as without
+  pruning: an absolute ``max_length`` / ``min_length`` is lowered by the width pruning removes.
 * What a method needs from the vision tower (PruMerge's and HoloV's CLS attention, PruMerge's
   keys and pre-projector features) is captured by forward hooks on ``q_proj`` / ``k_proj`` and
   on the projector that exist only while one batch of images is encoded.  The attention is
@@ -33,6 +34,7 @@ How it plugs in (no model code is replaced and no weight is touched):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -44,10 +46,9 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .. import methods
+from .. import checks, methods
 from ..backends import checked_name
-from ..ops import _count
-from ..reference import stage1_count
+from ..common import stage1_count
 
 __all__ = ["enable", "PruningHandle", "METHODS"]
 
@@ -115,8 +116,7 @@ class PruningHandle:
             raise TypeError(f"visprune.enable supports {names}, got {type(model).__name__}")
         if model in _ENABLED:
             raise RuntimeError("pruning is already enabled on this model: disable() it first")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        checks.choice("method", method, METHODS)
         fn = getattr(methods, method)
         accepted = sorted(set(inspect.signature(fn).parameters) - _SUPPLIED)
         unknown = sorted(set(method_kwargs) - set(accepted))
@@ -127,7 +127,7 @@ class PruningHandle:
                 raise ValueError("prumerge chooses how many tokens to keep per image (adaptive): "
                                  f"pass no keep, got keep={keep}")
         else:
-            keep = _count("keep", keep) if keep is not None else None
+            keep = checks.count("keep", keep) if keep is not None else None
             if not keep:
                 raise ValueError(f"{method} needs keep >= 1 (visual tokens kept per image), "
                                  f"got {keep}")
@@ -438,13 +438,65 @@ class PruningHandle:
             inputs = arguments.pop("inputs", None)
             if prompt["input_ids"] is None:
                 prompt["input_ids"] = inputs
+            width = prompt["input_ids"].shape[1]
+            limits = _length_limits(self.model, arguments, width)
             with torch.no_grad():
                 pruned = self.prune_inputs(**prompt, left_align=True)
             arguments.update({k: v for k, v in pruned.items() if v is not None})
+            _shift_limits(arguments, limits, width - pruned["input_ids"].shape[1])
             out = generate(**arguments)
             return _restore_prompt(out, prompt["input_ids"], pruned["input_ids"].shape[1])
 
         return pruned_generate
+
+
+def _length_limits(model, arguments: dict, width: int) -> Dict[str, int]:
+    """The unpruned run's limits that count the whole sequence, prompt included, as generate()
+    resolves them: ``max_length`` unless ``max_new_tokens`` is set, ``min_length`` unless
+    ``min_new_tokens`` is set; each from the call, else its ``generation_config``, else the
+    model's.  Without any, generate() makes a default number of new tokens (20), but no more
+    than the config's ``max_position_embeddings`` allows for the whole sequence: that bound
+    counts the prompt too.  ``width``: the caller's prompt width."""
+    given = arguments.get("generation_config")
+
+    def resolved(name):
+        for source in (arguments, vars(given) if given is not None else {},
+                       vars(model.generation_config)):
+            if source.get(name) is not None:
+                return source[name]
+        return None
+
+    limits = {}
+    if resolved("max_new_tokens") is None:
+        limit = resolved("max_length")
+        if limit is None:
+            cap = getattr(model.config, "max_position_embeddings", None)
+            default = model.generation_config._get_default_generation_params()["max_length"]
+            limit = cap if cap is not None and default + width > cap else None
+        if limit is not None:
+            if width >= limit:
+                raise ValueError(f"input_ids are {width} tokens long, but max_length is {limit}: "
+                                 f"nothing is left to generate (set max_new_tokens instead)")
+            limits["max_length"] = limit
+    if resolved("min_new_tokens") is None and resolved("min_length"):
+        limits["min_length"] = resolved("min_length")
+    return limits
+
+
+def _shift_limits(arguments: dict, limits: Dict[str, int], removed: int) -> None:
+    """Lowers the :func:`_length_limits` by the ``removed`` width of the pruned prompt, so that
+    generation stops where the unpruned run stops.  A value the call gave goes back to the call;
+    any other goes to a copy of the call's ``generation_config`` if it has one (never to the
+    caller's object: transformers warns about options given both ways), else to the call."""
+    given, copied = arguments.get("generation_config"), None
+    for name, limit in limits.items():
+        value = max(limit - removed, 0)
+        if arguments.get(name) is None and given is not None:
+            if copied is None:
+                copied = arguments["generation_config"] = copy.deepcopy(given)
+            setattr(copied, name, value)
+        else:
+            arguments[name] = value
 
 
 def _has_images(arguments: dict) -> bool:
