@@ -1,14 +1,36 @@
-// The one registration file of visprune._C: op schemas (torch.ops.visprune.*), the CPU and
-// CUDA implementations, the argument checks both devices share, and the Python module.
+// The one registration file of visprune._C: op schemas (torch.ops.visprune.*), the structural
+// argument checks, and the composition of each op from the kernels of one device (the same code
+// for CPU and CUDA; csrc/cpu and csrc/cuda supply only their Kernels), and the Python module.
 // Fake (meta) implementations live in visprune/_ext.py, because gather_compact's mask form has a
 // data-dependent output size that only a Python fake can express.
+#include <c10/core/DeviceGuard.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "visprune.h"
 
 namespace visprune {
 
+at::Tensor fp32_tokens(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.contiguous();
+  return at::empty(x.sizes(), x.options().dtype(at::kFloat)).copy_(x);
+}
+
+Prepared prepare_tokens(const at::Tensor& xf, Metric metric) {
+  if (metric == Metric::kCosine) {
+    const int64_t last[] = {-1};
+    at::Tensor denom = at::linalg_vector_norm(xf, 2, last, /*keepdim=*/true).clamp_min(kNormEps);
+    return {(xf / denom).contiguous(), at::Tensor()};
+  }
+  return {xf, (xf * xf).sum(-1).contiguous()};
+}
+
+namespace {
+
+// --------------------------------------------------------------------------- structural checks
+// These read no tensor data: no host sync, and they hold in compiled graphs too.
 Metric parse_metric(c10::string_view name, const char* arg) {
   if (name == "cosine") return Metric::kCosine;
   if (name == "l2") return Metric::kL2;
@@ -22,83 +44,50 @@ Objective parse_objective(c10::string_view name) {
                     std::string(name), "'");
 }
 
-Prepared prepare_tokens(const at::Tensor& x, Metric metric) {
-  at::Tensor xf = x.to(at::kFloat);
-  if (metric == Metric::kCosine) {
-    const int64_t last[] = {-1};
-    at::Tensor denom = at::linalg_vector_norm(xf, 2, last, /*keepdim=*/true).clamp_min(kNormEps);
-    return {(xf / denom).contiguous(), at::Tensor()};
-  }
-  return {xf.contiguous(), (xf * xf).sum(-1).contiguous()};
-}
-
-static void check_floating(const at::Tensor& t, const char* name, const char* layout) {
+void check_floating(const at::Tensor& t, const char* name, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, " must have shape ", layout, ", got shape ", t.sizes());
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
                    " must have dtype float32, float16, bfloat16, got ", s);
 }
 
-static void check_mask(const at::Tensor& m, const char* name, const at::Tensor& ref,
-                       int64_t rows, int64_t cols, const char* layout) {
+void check_mask(const at::Tensor& m, const char* name, const at::Tensor& ref, int64_t rows,
+                int64_t cols, const char* layout) {
   TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, name, " must have dtype bool, got ",
                    m.scalar_type());
   TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == rows && m.size(1) == cols, name,
                     " must have shape ", layout, " = [", rows, ", ", cols, "], got ", m.sizes());
-  TORCH_CHECK_VALUE(m.device() == ref.device(), name, " is on ", m.device(), " but the tokens are on ",
-                    ref.device());
+  TORCH_CHECK_VALUE(m.device() == ref.device(), name, " is on ", m.device(),
+                    " but the tokens are on ", ref.device());
 }
 
-void check_select(const at::Tensor& x, const char* xname, int64_t k,
+// x[B, N, D] floating, mask[B, N] bool, 0 <= k <= N, start in [-1, N).
+void check_select(const at::Tensor& x, const char* xname, Count k,
                   const c10::optional<at::Tensor>& mask, int64_t start) {
   check_floating(x, xname, "[B, N, D]");
   const int64_t B = x.size(0), N = x.size(1);
-  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k.value >= 0, k.name, " must be >= 0, got ", k.value);
+  TORCH_CHECK_VALUE(k.value <= N, k.name, "=", k.value,
+                    " is larger than the number of candidate tokens (N=", N, ")");
   TORCH_CHECK_VALUE(start >= -1 && start < N, "start=", start, " is out of range for N=", N);
-  if (!mask.has_value()) {
-    TORCH_CHECK_VALUE(k <= N, "k=", k, " is larger than the number of candidate tokens (", N, ")");
-    return;
-  }
-  check_mask(*mask, "mask", x, B, N, "[B, N]");
-  if (B == 0 || k == 0) return;
-  const int64_t avail = mask->sum(-1).min().item<int64_t>();
-  TORCH_CHECK_VALUE(k <= avail, "k=", k, " is larger than the number of candidate tokens (", avail,
-                    " in the sparsest mask row)");
-  if (start >= 0) {
-    TORCH_CHECK_VALUE(mask->select(1, start).all().item<bool>(), "start=", start,
-                      " is not a candidate (mask is False there) in every row");
-  }
+  if (mask.has_value()) check_mask(*mask, "mask", x, B, N, "[B, N]");
 }
 
+// visual[B, N, D], text[B, M, D] with M >= 1 on the same device, text_mask[B, M] bool.
 void check_text(const at::Tensor& visual, const at::Tensor& text,
                 const c10::optional<at::Tensor>& text_mask) {
   check_floating(visual, "visual", "[B, N, D]");
   check_floating(text, "text", "[B, M, D]");
   const int64_t B = visual.size(0), D = visual.size(2);
-  TORCH_CHECK_VALUE(text.size(0) == B && text.size(2) == D, "text must have shape [B, M, D] = [", B,
-                    ", M, ", D, "] to match visual, got ", text.sizes());
+  TORCH_CHECK_VALUE(text.size(0) == B && text.size(2) == D, "text must have shape [B, M, D] = [",
+                    B, ", M, ", D, "] to match visual, got ", text.sizes());
   TORCH_CHECK_VALUE(text.size(1) > 0, "text must have at least one token (M >= 1), got M=0");
   TORCH_CHECK_VALUE(text.device() == visual.device(), "text is on ", text.device(),
                     " but visual is on ", visual.device());
-  if (text_mask.has_value()) {
-    check_mask(*text_mask, "text_mask", visual, B, text.size(1), "[B, M]");
-    TORCH_CHECK_VALUE(B == 0 || text_mask->any(-1).all().item<bool>(),
-                      "text_mask has a row with no True entry: every row needs a text token");
-  }
+  if (text_mask.has_value()) check_mask(*text_mask, "text_mask", visual, B, text.size(1), "[B, M]");
 }
 
-PruneOptions check_prune(const at::Tensor& visual, const at::Tensor& text, int64_t keep,
-                         int64_t stage1_keep, const c10::optional<at::Tensor>& text_mask,
-                         const c10::optional<at::Tensor>& mask, c10::string_view mi_metric,
-                         c10::string_view objective, c10::string_view metric) {
-  check_text(visual, text, text_mask);
-  check_select(visual, "visual", stage1_keep, mask, -1);
-  TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need keep <= stage1_keep, got keep=", keep,
-                    ", stage1_keep=", stage1_keep);
-  return {parse_metric(mi_metric, "mi_metric"), parse_objective(objective),
-          parse_metric(metric, "metric")};
-}
-
+// Exactly one of index[B, K] (integer) or mask[B, N] (bool), on x's device.
 void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                   const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK_VALUE(x.dim() == 3, "x must have shape [B, N, D], got shape ", x.sizes());
@@ -107,11 +96,6 @@ void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                     "gather_compact needs exactly one of index or mask");
   if (mask.has_value()) {
     check_mask(*mask, "mask", x, B, N, "[B, N]");
-    if (B > 0) {
-      const auto counts = mask->sum(-1);
-      TORCH_CHECK_VALUE(!(counts != counts[0]).any().item<bool>(), "mask rows keep different counts ",
-                        counts.cpu(), "; every row must keep the same number of tokens");
-    }
     return;
   }
   const at::Tensor& idx = *index;
@@ -122,16 +106,108 @@ void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                     idx.sizes());
   TORCH_CHECK_VALUE(idx.device() == x.device(), "index is on ", idx.device(), " but x is on ",
                     x.device());
-  if (idx.numel() == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0 && hi < N, "index has values in [", lo, ", ", hi, "], expected [0, ", N,
-                    ")");
-  const auto srt = std::get<0>(idx.sort(-1));
-  TORCH_CHECK_VALUE(!srt.narrow(1, 1, srt.size(1) - 1).eq(srt.narrow(1, 0, srt.size(1) - 1))
-                         .any().item<bool>(),
-                    "index has duplicate entries within a row");
 }
 
+// --------------------------------------------------------------------------- the ops
+at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
+                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric_name,
+                     const Kernels& K) {
+  check_text(visual, text, text_mask);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const c10::DeviceGuard guard(visual.device());
+  return K.mi_scores(prepare_tokens(fp32_tokens(visual), metric),
+                     prepare_tokens(fp32_tokens(text), metric), text_mask, metric);
+}
+
+at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective_name,
+                         c10::string_view metric_name, const c10::optional<at::Tensor>& mask,
+                         int64_t start, const Kernels& K) {
+  check_select(x, "x", {k, "k"}, mask, start);
+  const Objective objective = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const c10::DeviceGuard guard(x.device());
+  if (x.size(0) == 0 || k == 0) return at::empty({x.size(0), k}, x.options().dtype(at::kLong));
+  return K.greedy(prepare_tokens(fp32_tokens(x), metric), k, objective, metric, mask, start,
+                  {k, "k"});
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
+                                                  const c10::optional<at::Tensor>& index,
+                                                  const c10::optional<at::Tensor>& mask, bool sort,
+                                                  const Kernels& K) {
+  check_gather(x, index, mask);
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = x.size(0);
+  at::Tensor idx;
+  if (mask.has_value()) {
+    // The output size depends on the mask: one read of the fewest and most kept per row (the
+    // sync this form needs anyway) also tells whether the rows agree.
+    int64_t K_rows = 0;
+    if (B > 0) {
+      const at::Tensor counts = mask->sum(-1);
+      const at::Tensor range = at::stack({counts.min(), counts.max()}).cpu();
+      const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+      TORCH_CHECK_VALUE(lo == hi, "mask rows keep different counts (from ", lo, " to ", hi,
+                        "); every row must keep the same number of tokens");
+      K_rows = lo;
+    }
+    idx = mask->nonzero().select(1, 1).reshape({B, K_rows}).contiguous();  // -1 fails when B == 0
+    return {K.gather_rows(x, idx, /*checked=*/false), idx};
+  }
+  // A new tensor either way: the caller's index is never returned.
+  idx = sort ? std::get<0>(index->to(at::kLong).sort(-1)).contiguous()
+             : index->to(index->options().dtype(at::kLong), /*non_blocking=*/false, /*copy=*/true,
+                         at::MemoryFormat::Contiguous);
+  return {K.gather_rows(x, idx, /*checked=*/true), idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
+    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
+    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
+    c10::string_view mi_metric_name, c10::string_view objective_name,
+    c10::string_view metric_name, const Kernels& K) {
+  check_text(visual, text, text_mask);
+  check_select(visual, "visual", {stage1_keep, "stage1_keep"}, mask, -1);
+  TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need 0 <= keep <= stage1_keep, got keep=",
+                    keep, ", stage1_keep=", stage1_keep);
+  const Metric mi_metric = parse_metric(mi_metric_name, "mi_metric");
+  const Objective objective = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const c10::DeviceGuard guard(visual.device());
+  const int64_t B = visual.size(0);
+  const at::Tensor lengths = at::full({B}, keep, visual.options().dtype(at::kLong));
+  if (B == 0 || keep == 0) {
+    const at::Tensor none = at::empty({B, keep}, visual.options().dtype(at::kLong));
+    return {K.gather_rows(visual, none, /*checked=*/false), none, lengths};
+  }
+
+  // One fp32 copy of the visual tokens serves both metrics.
+  const at::Tensor xf = fp32_tokens(visual);
+  const Prepared VM = prepare_tokens(xf, mi_metric);
+  const Prepared VG = metric == mi_metric ? VM : prepare_tokens(xf, metric);
+  const at::Tensor score =
+      K.mi_scores(VM, prepare_tokens(fp32_tokens(text), mi_metric), text_mask, mi_metric);
+
+  // Stage 1: the reference's topk_mask (NaN and -inf after every real score, +inf as the largest
+  // float, non-candidates last, ties to the lowest index through a stable sort).  Only candidates
+  // survive, so a stage1_keep above a row's candidate count leaves that row fewer survivors
+  // (the greedy kernel's `need` then reports it on CPU).
+  const float lowest = std::numeric_limits<float>::lowest();
+  at::Tensor key = at::nan_to_num(score, lowest, c10::nullopt, lowest);
+  if (mask.has_value()) key = key.masked_fill(~*mask, -std::numeric_limits<float>::infinity());
+  const at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true))
+                               .narrow(1, 0, stage1_keep);
+  at::Tensor survivors = at::zeros_like(key, key.options().dtype(at::kBool)).scatter_(1, order, true);
+  if (mask.has_value()) survivors &= *mask;
+
+  // Stage 2 and the compaction in original order.
+  const at::Tensor chosen = std::get<0>(
+      K.greedy(VG, keep, objective, metric, survivors, -1, {stage1_keep, "stage1_keep"}).sort(-1))
+                                .contiguous();
+  return {K.gather_rows(visual, chosen, /*checked=*/false), chosen, lengths};
+}
+
+}  // namespace
 }  // namespace visprune
 
 TORCH_LIBRARY(visprune, m) {
@@ -143,20 +219,34 @@ TORCH_LIBRARY(visprune, m) {
         "Tensor? mask, str mi_metric, str objective, str metric) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(visprune, CPU, m) {
-  m.impl("mi_scores", &visprune::cpu::mi_scores);
-  m.impl("greedy_select", &visprune::cpu::greedy_select);
-  m.impl("gather_compact", &visprune::cpu::gather_compact);
-  m.impl("prune", &visprune::cpu::prune);
-}
+// The four ops of one device: the composition above over that device's kernels.
+#define VISPRUNE_IMPL_OPS(m, device)                                                              \
+  using OptTensor = c10::optional<at::Tensor>;                                                    \
+  m.impl("mi_scores", [](const at::Tensor& visual, const at::Tensor& text,                        \
+                         const OptTensor& text_mask, c10::string_view metric) {                   \
+    return visprune::mi_scores(visual, text, text_mask, metric, visprune::device::kernels());     \
+  });                                                                                             \
+  m.impl("greedy_select", [](const at::Tensor& x, int64_t k, c10::string_view objective,          \
+                             c10::string_view metric, const OptTensor& mask, int64_t start) {     \
+    return visprune::greedy_select(x, k, objective, metric, mask, start,                          \
+                                   visprune::device::kernels());                                  \
+  });                                                                                             \
+  m.impl("gather_compact", [](const at::Tensor& x, const OptTensor& index, const OptTensor& mask, \
+                              bool sort) {                                                        \
+    return visprune::gather_compact(x, index, mask, sort, visprune::device::kernels());           \
+  });                                                                                             \
+  m.impl("prune", [](const at::Tensor& visual, const at::Tensor& text, int64_t keep,              \
+                     int64_t stage1_keep, const OptTensor& text_mask, const OptTensor& mask,      \
+                     c10::string_view mi_metric, c10::string_view objective,                      \
+                     c10::string_view metric) {                                                   \
+    return visprune::prune(visual, text, keep, stage1_keep, text_mask, mask, mi_metric,           \
+                           objective, metric, visprune::device::kernels());                       \
+  })
+
+TORCH_LIBRARY_IMPL(visprune, CPU, m) { VISPRUNE_IMPL_OPS(m, cpu); }
 
 #ifdef VISPRUNE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visprune, CUDA, m) {
-  m.impl("mi_scores", &visprune::cuda::mi_scores);
-  m.impl("greedy_select", &visprune::cuda::greedy_select);
-  m.impl("gather_compact", &visprune::cuda::gather_compact);
-  m.impl("prune", &visprune::cuda::prune);
-}
+TORCH_LIBRARY_IMPL(visprune, CUDA, m) { VISPRUNE_IMPL_OPS(m, cuda); }
 #endif
 
 PYBIND11_MODULE(_C, mod) {

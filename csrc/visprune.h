@@ -1,8 +1,13 @@
 // Declarations shared by the registration file (ops.cpp) and the CPU / CUDA kernels.
 //
 // The schemas (see ops.cpp) mirror visprune.reference with positional arguments; a greedy
-// `start` of -1 means "auto".  Every function takes already-validated-by-ops.py arguments but
-// re-checks what a direct torch.ops call could get wrong, raising ValueError / TypeError.
+// `start` of -1 means "auto".  ops.cpp checks what reads no tensor data (dims, dtypes, devices,
+// shapes, option strings, counts against N) and composes each op from the kernels of one device
+// (struct Kernels).  Checks that read tensor values (mask counts, index ranges, duplicates) are
+// visprune.ops' (one host sync, skipped with validate=False or under torch.compile): the kernels
+// never rely on them for memory safety.  The CPU kernels still raise ValueError for bad values
+// they meet in their own work; the CUDA kernels never sync the host and never read or write out
+// of bounds, whatever the values.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,62 +23,50 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps: a zero token has cosin
 enum class Metric { kCosine, kL2 };
 enum class Objective { kMaxMin, kMaxSum };
 
-// The fp32 tokens exactly as the reference sees them: x.float(), L2-normalised with
+// x as contiguous float32: the one fp32 copy of the tokens an op makes (none when x already is).
+// Contiguous before any reduction over D, so that bitwise-identical tokens get bitwise-identical
+// norms whatever the input's memory layout (a D-major view would round them by position).
+at::Tensor fp32_tokens(const at::Tensor& x);
+
+// The fp32 tokens exactly as the reference sees them, from xf = fp32_tokens(x): L2-normalised with
 // F.normalize's ops for the cosine metric (zero, huge and non-finite tokens then behave the
-// same), and the squared norms (x*x).sum(-1) for l2 (undefined for cosine).  Contiguous.
+// same), or xf itself and its squared norms (xf*xf).sum(-1) for l2 (sq undefined for cosine).
 struct Prepared {
   at::Tensor y, sq;
 };
-Prepared prepare_tokens(const at::Tensor& x, Metric metric);
+Prepared prepare_tokens(const at::Tensor& xf, Metric metric);
 
-// Argument checks shared by both devices (defined in ops.cpp).  visprune.ops runs the same
-// checks before dispatch; these catch direct torch.ops calls and compiled graphs, where the
-// Python checks that read tensor values are skipped.
-Metric parse_metric(c10::string_view name, const char* arg);
-Objective parse_objective(c10::string_view name);
-// x[B, N, D] floating, mask[B, N] bool, 0 <= k <= candidates of every row, start in [-1, N).
-void check_select(const at::Tensor& x, const char* xname, int64_t k,
-                  const c10::optional<at::Tensor>& mask, int64_t start);
-// visual[B, N, D], text[B, M, D], text_mask[B, M] with a True in every row.
-void check_text(const at::Tensor& visual, const at::Tensor& text,
-                const c10::optional<at::Tensor>& text_mask);
-// check_text + check_select(visual, stage1_keep, mask) + 0 <= keep <= stage1_keep; parses the
-// three option strings.
-struct PruneOptions {
-  Metric mi_metric;
-  Objective objective;
-  Metric metric;
+// A count and the name of the argument it came from, for error messages.
+struct Count {
+  int64_t value;
+  const char* name;
 };
-PruneOptions check_prune(const at::Tensor& visual, const at::Tensor& text, int64_t keep,
-                         int64_t stage1_keep, const c10::optional<at::Tensor>& text_mask,
-                         const c10::optional<at::Tensor>& mask, c10::string_view mi_metric,
-                         c10::string_view objective, c10::string_view metric);
-// Exactly one of index[B, K] (unique, in range) or mask[B, N] (same count per row).
-void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
-                  const c10::optional<at::Tensor>& mask);
 
-// The four ops, declared once for each device namespace.
-#define VISPRUNE_DECLARE_OPS \
-at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text, \
-                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric); \
-at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective, \
-                         c10::string_view metric, const c10::optional<at::Tensor>& mask, \
-                         int64_t start); \
-std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x, \
-                                                  const c10::optional<at::Tensor>& index, \
-                                                  const c10::optional<at::Tensor>& mask, bool sort); \
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune( \
-    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep, \
-    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask, \
-    c10::string_view mi_metric, c10::string_view objective, c10::string_view metric);
+// What each device supplies; ops.cpp composes the four ops from these, once for both devices.
+// Inputs are on the device, structurally checked; tensors given are contiguous where noted.
+struct Kernels {
+  // float32[B, N] text alignment scores of V against T (prepared with `metric`).
+  at::Tensor (*mi_scores)(const Prepared& V, const Prepared& T,
+                          const c10::optional<at::Tensor>& text_mask, Metric metric);
+  // int64[B, k] greedy selection among the True tokens of mask (all when absent), in selection
+  // order; B > 0, k > 0.  `need` is the candidate count every row must hold (k, or prune's
+  // stage1_keep): the CPU kernel raises ValueError naming it, the CUDA kernel records -1 once a
+  // row has no candidate left.
+  at::Tensor (*greedy)(const Prepared& P, int64_t k, Objective objective, Metric metric,
+                       const c10::optional<at::Tensor>& mask, int64_t start, Count need);
+  // tokens[b, t] = x[b, index[b, t]] for a contiguous int64 index[B, K], any dtype of x.
+  // `checked`: the indices come from the caller (CPU raises ValueError for one out of range or
+  // repeated in its row; CUDA writes a zero row for one out of range).
+  at::Tensor (*gather_rows)(const at::Tensor& x, const at::Tensor& index, bool checked);
+};
 
 namespace cpu {
-VISPRUNE_DECLARE_OPS
+const Kernels& kernels();
 }  // namespace cpu
 
 #ifdef VISPRUNE_WITH_CUDA
 namespace cuda {
-VISPRUNE_DECLARE_OPS
+const Kernels& kernels();
 }  // namespace cuda
 #endif
 

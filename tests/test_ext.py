@@ -313,41 +313,138 @@ def test_bad_input_errors_through_ops():
 
 
 @needs_cpu
-def test_bad_input_errors_from_the_kernels():
-    """Direct torch.ops calls (and compiled graphs, where ops.py skips its value checks) get the
-    same errors from the C++ checks."""
+def test_structural_errors_from_the_kernels():
+    """Direct torch.ops calls (and compiled graphs) get the checks that read no tensor data from
+    C++, with the argument named."""
     vp = torch.ops.visprune
     x, t = _tokens(2, 10, 6), _tokens(2, 3, 6)
-    few = torch.zeros(2, 10, dtype=torch.bool)
-    few[:, :3] = True
-    with pytest.raises(ValueError, match="candidate"):
-        vp.greedy_select(x, 4, "maxmin", "cosine", few, -1)
-    with pytest.raises(ValueError, match="not a candidate"):
-        vp.greedy_select(x, 2, "maxmin", "cosine", few, 7)
     with pytest.raises(ValueError, match="out of range"):
         vp.greedy_select(x, 2, "maxmin", "cosine", None, 10)
+    with pytest.raises(ValueError, match="k=11"):
+        vp.greedy_select(x, 11, "maxmin", "cosine", None, -1)
     with pytest.raises(ValueError, match="objective"):
         vp.greedy_select(x, 2, "median", "cosine", None, -1)
     with pytest.raises(ValueError, match="metric"):
         vp.mi_scores(x, t, None, "dot")
+    with pytest.raises(ValueError, match="mi_metric"):
+        vp.prune(x, t, 2, 4, None, None, "dot", "maxsum", "cosine")
     with pytest.raises(TypeError, match="dtype"):
         vp.greedy_select(x.double(), 2, "maxmin", "cosine", None, -1)
+    with pytest.raises(TypeError, match="mask"):
+        vp.greedy_select(x, 2, "maxmin", "cosine", torch.ones(2, 10), -1)
     with pytest.raises(ValueError, match=r"\[B, M, D\]"):
         vp.mi_scores(x, t[:, :, :4], None, "l2")
     with pytest.raises(ValueError, match="text_mask"):
+        vp.mi_scores(x, t, torch.ones(2, 4, dtype=torch.bool), "l2")
+    with pytest.raises(ValueError, match="exactly one"):
+        vp.gather_compact(x, None, None, True)
+    with pytest.raises(TypeError, match="index"):
+        vp.gather_compact(x, torch.zeros(2, 2), None, True)
+    with pytest.raises(ValueError, match="keep"):
+        vp.prune(x, t, 5, 4, None, None, "l2", "maxsum", "cosine")
+    with pytest.raises(ValueError, match="stage1_keep=11"):
+        vp.prune(x, t, 2, 11, None, None, "l2", "maxsum", "cosine")
+
+
+@needs_cpu
+def test_bad_values_from_the_cpu_kernels():
+    """The value checks are visprune.ops' (skipped with validate=False); the CPU kernels raise
+    ValueError for the bad values their own work meets, and never read out of bounds."""
+    vp = torch.ops.visprune
+    x, t = _tokens(2, 10, 6), _tokens(2, 3, 6)
+    few = torch.zeros(2, 10, dtype=torch.bool)
+    few[:, :3] = True
+    with pytest.raises(ValueError, match="k=4 is larger than the number of candidate"):
+        vp.greedy_select(x, 4, "maxmin", "cosine", few, -1)
+    with pytest.raises(ValueError, match="not a candidate"):
+        vp.greedy_select(x, 2, "maxmin", "cosine", few, 7)
+    with pytest.raises(ValueError, match="not a candidate"):  # past the last candidate
+        vp.greedy_select(x, 2, "maxsum", "l2", few, 9)
+    with pytest.raises(ValueError, match="text_mask"):
         vp.mi_scores(x, t, torch.tensor([[True, False, False], [False] * 3]), "l2")
-    with pytest.raises(ValueError, match=r"\[0, 9\]|expected \[0, 10\)"):
-        vp.gather_compact(x, torch.tensor([[0, 10], [1, 2]]), None, True)
-    with pytest.raises(ValueError, match="duplicate"):
-        vp.gather_compact(x, torch.tensor([[3, 3], [1, 2]]), None, True)
+    for sort in (True, False):
+        for bad in ([[0, 10], [1, 2]], [[0, 1], [-1, 2]], [[0, 1], [2, 2 ** 40]]):
+            with pytest.raises(ValueError, match=r"expected \[0, 10\)"):
+                vp.gather_compact(x, torch.tensor(bad), None, sort)
+        with pytest.raises(ValueError, match="duplicate"):
+            vp.gather_compact(x, torch.tensor([[3, 5, 3], [1, 2, 0]]), None, sort)
     uneven = few.clone()
     uneven[1, 5] = True
     with pytest.raises(ValueError, match="different counts"):
         vp.gather_compact(x, None, uneven, True)
-    with pytest.raises(ValueError, match="exactly one"):
-        vp.gather_compact(x, None, None, True)
-    with pytest.raises(ValueError, match="keep"):
-        vp.prune(x, t, 5, 4, None, None, "l2", "maxsum", "cosine")
+    # prune names the count that is too large for the mask: stage1_keep, not k.
+    with pytest.raises(ValueError, match="stage1_keep=5 is larger than the number of candidate"):
+        vp.prune(x, t, 2, 5, None, few, "l2", "maxsum", "cosine")
+    with pytest.raises(ValueError, match="text_mask"):
+        vp.prune(x, t, 2, 3, torch.tensor([[True] * 3, [False] * 3]), None, "l2", "maxsum",
+                 "cosine")
+
+
+@needs_cpu
+def test_gather_compact_never_returns_the_callers_index():
+    x = _tokens(2, 10, 6)
+    for index in (torch.tensor([[4, 1], [0, 9]]), torch.tensor([[1, 4], [0, 9]]),
+                  torch.tensor([[4, 1], [0, 9]], dtype=torch.int32)):
+        for sort in (True, False):
+            before = index.clone()
+            _, idx = torch.ops.visprune.gather_compact(x, index, None, sort)
+            assert idx.dtype == torch.long and idx.data_ptr() != index.data_ptr()
+            idx.fill_(7)
+            assert torch.equal(index, before)
+
+
+# --------------------------------------------------------------------------- layout
+def _d_major(x):
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("objective", ["maxmin", "maxsum"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("D", [37, 1000])
+def test_duplicates_tie_whatever_the_layout(dtype, objective, metric, D):
+    # A D-major view rounds (x*x).sum(-1) of bitwise-identical tokens differently by position
+    # unless the tokens are made contiguous first; then a later copy could win the tie.
+    g = torch.Generator().manual_seed(D)
+    x = torch.cat([torch.randn(1, 1, D, generator=g), torch.randn(1, 1, D, generator=g)
+                   .expand(1, 39, D)], 1).to(dtype)
+    xd = _d_major(x)
+    assert not xd.is_contiguous() and torch.equal(xd, x)
+    for start in (0, -1):
+        got = torch.ops.visprune.greedy_select(xd, 2, objective, metric, None, start)
+        want = ref.greedy_select(xd, 2, objective, metric, None, "auto" if start < 0 else start)
+        assert torch.equal(got, want), start
+        if start == 0:
+            assert got.tolist() == [[0, 1]]
+    r = torch.ops.visprune.prune(xd, x[:, :3], 2, 40, None, None, "l2", objective, metric)
+    assert torch.equal(r[1], ref.prune(xd, x[:, :3], 2, 40, None, None, "l2", objective, metric)
+                       .indices)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_identical_tokens_get_identical_scores_whatever_the_layout(dtype, metric):
+    g = torch.Generator().manual_seed(0)
+    x = _d_major(torch.randn(2, 1, 301, generator=g).expand(2, 40, 301).to(dtype))
+    t = _d_major(torch.randn(2, 5, 301, generator=g).to(dtype))
+    s = torch.ops.visprune.mi_scores(x, t, None, metric)
+    assert bool((s == s[:, :1]).all())
+
+
+# --------------------------------------------------------------------------- huge tokens
+@needs_cpu
+@pytest.mark.parametrize("objective", ["maxmin", "maxsum"])
+def test_overflowing_l2_tokens_give_valid_indices(objective):
+    """Finite tokens whose squared norm overflows fp32: the reference's and the CPU kernel's
+    dot products of two such tokens may overflow differently (the order of a BLAS sum is not
+    the kernel's), so only validity is required where two of them meet."""
+    x = _tokens(2, 40, 12, seed=2)
+    x[0, 8] = 3e19 * _tokens(1, 1, 12, seed=3)[0, 0]
+    x[0, 26] = 1e19
+    got = torch.ops.visprune.greedy_select(x, 25, objective, "l2", None, -1)
+    assert all(len(set(row)) == 25 and min(row) >= 0 and max(row) < 40 for row in got.tolist())
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -1,4 +1,5 @@
-// CPU kernels of visprune: mi_scores, greedy_select, gather_compact and the fused prune.
+// CPU kernels of visprune: mi_scores, greedy selection and the row gather, which ops.cpp composes
+// into the four ops (struct Kernels).
 //
 // Same results as visprune/reference.py with less work:
 // * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
@@ -446,11 +447,14 @@ int64_t argmax(const std::vector<float>& key) {
 constexpr int64_t kParallelStepWork = int64_t(1) << 17;
 constexpr int64_t kMaxStoredDistances = int64_t(1) << 22;  // 16 MiB of fp32
 
-// Greedy selection over one batch row: `cand` lists the candidate tokens ascending; writes k
-// indices to out in selection order.
+// Greedy selection over one batch row (`row`, for messages): `cand` lists the candidate tokens
+// ascending; writes k indices to out in selection order.  Raises ValueError when the row holds
+// fewer than need.value candidates (need.value >= k) or `start` is not one of them.
 void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Objective obj,
-                int64_t start, bool parallel, int64_t* out) {
+                int64_t start, Count need, int64_t row, bool parallel, int64_t* out) {
   const int64_t c = static_cast<int64_t>(cand.size());
+  TORCH_CHECK_VALUE(need.value <= c, need.name, "=", need.value,
+                    " is larger than the number of candidate tokens (", c, " in row ", row, ")");
   if (k == 0) return;
   // The upper triangle of the c×c distances, kept when maxmin's start computed every pair
   // anyway (uninitialised: only the triangle is written and read).
@@ -459,6 +463,8 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
   int64_t sp;  // position in cand of the token selected next
   if (start >= 0) {
     sp = std::lower_bound(cand.begin(), cand.end(), start) - cand.begin();
+    TORCH_CHECK_VALUE(sp < c && cand[sp] == start, "start=", start,
+                      " is not a candidate (mask is False there) in row ", row);
   } else if (obj == Objective::kMaxMin) {
     if (c * c <= kMaxStoredDistances) stored.reset(new float[static_cast<size_t>(c * c)]);
     dist = stored.get();
@@ -533,10 +539,11 @@ std::vector<int64_t> candidates(const bool* mask, int64_t N) {
 // Linear in a per-row summary of the valid text tokens (DESIGN: no N×M matrix): cosine
 // mean_j x̂_i·t̂_j = x̂_i·mean_j t̂_j, l2 mean_j |v_i - t_j|² = |v_i - t̄|² + mean_j |t_j - t̄|².
 // Padded (masked-out) text tokens take no part, whatever they hold.  Non-finite values follow
-// the reference's per-pair formula: an l2 row whose squared norm is not finite, or every row
-// when a valid text token's is not, is computed pair by pair.
-void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t M, bool parallel,
-            float* out) {
+// the reference's per-pair formula (on tokens centred on t̄): an l2 row whose squared norm is not
+// finite, or every row when a valid text token's is not, is computed pair by pair.  `row` names
+// the batch row in messages.
+void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t M, int64_t row,
+            bool parallel, float* out) {
   const int64_t D = V.D;
   int64_t m = 0;
   bool text_exact = false;
@@ -548,15 +555,24 @@ void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t 
     for (int64_t d = 0; d < D; ++d) acc[d] += t[d];
     ++m;
   }
+  TORCH_CHECK_VALUE(m > 0, "text_mask has no True entry in row ", row,
+                    ": every row needs a text token");
   std::vector<float> mean(static_cast<size_t>(D));
   for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<float>(acc[d] / m);
   float spread = 0.0f;  // mean_j |t_j - t̄|², the same for every visual token
+  std::vector<float> tsq(static_cast<size_t>(M), 0.0f);  // |t_j - t̄|² in fp32, for exact rows
   if (V.metric == Metric::kL2) {
     double s = 0.0;
     for (int64_t j = 0; j < M; ++j) {
       if (tmask && !tmask[j]) continue;
       const float* t = T.row(j);
-      for (int64_t d = 0; d < D; ++d) s += double(t[d] - mean[d]) * double(t[d] - mean[d]);
+      float f = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float e = t[d] - mean[d];
+        s += double(e) * double(e);
+        f += e * e;
+      }
+      tsq[j] = f;
     }
     spread = static_cast<float>(s / m);
   }
@@ -567,46 +583,47 @@ void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t 
         out[i] = dot(v, mean.data(), D);
       } else if (!text_exact && std::isfinite(V.sq[i])) {
         out[i] = -(sqdist(v, mean.data(), D) + spread);
-      } else {  // the reference's formula, (|v|² - 2 v·t) + |t|², averaged over the text tokens
+      } else {  // the reference's (|v - t̄|² - 2 (v - t̄)·(t - t̄)) + |t - t̄|², averaged over j
+        float vsq = 0.0f;
+        for (int64_t d = 0; d < D; ++d) vsq += (v[d] - mean[d]) * (v[d] - mean[d]);
         float s = 0.0f;
-        for (int64_t j = 0; j < M; ++j)
-          if (!tmask || tmask[j]) s += (V.sq[i] - 2.0f * dot(v, T.row(j), D)) + T.sq[j];
+        for (int64_t j = 0; j < M; ++j) {
+          if (tmask && !tmask[j]) continue;
+          const float* t = T.row(j);
+          float vt = 0.0f;
+          for (int64_t d = 0; d < D; ++d) vt += (v[d] - mean[d]) * (t[d] - mean[d]);
+          s += (vsq - 2.0f * vt) + tsq[j];
+        }
         out[i] = -(s / static_cast<float>(m));
       }
     }
   });
 }
 
-// The reference's topk_mask: the n1 highest scores among the candidates, ties to the lowest
-// index; NaN and -inf rank after every real score, +inf like the largest float.
-std::vector<int64_t> top_candidates(const float* score, const bool* mask, int64_t N, int64_t n1) {
-  const float lowest = std::numeric_limits<float>::lowest();
-  std::vector<float> key(static_cast<size_t>(N));
-  std::vector<int64_t> order;
-  order.reserve(static_cast<size_t>(N));
-  for (int64_t i = 0; i < N; ++i) {
-    const float s = score[i];
-    key[i] = std::isnan(s) || s == -kInf ? lowest : (s == kInf ? std::numeric_limits<float>::max() : s);
-    if (mask == nullptr || mask[i]) order.push_back(i);
-  }
-  auto before = [&](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
-  std::nth_element(order.begin(), order.begin() + n1, order.end(), before);
-  order.resize(static_cast<size_t>(n1));
-  std::sort(order.begin(), order.end());
-  return order;
-}
-
 // --------------------------------------------------------------------------- gather
-// tokens[b, t] = x[b, index[b, t]] for a contiguous int64 index[B, K]; any dtype.
-at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index) {
+// tokens[b, t] = x[b, index[b, t]] for a contiguous int64 index[B, K]; any dtype.  A checked
+// index is validated as it is read, before any row is copied: in range, no repeat within a row.
+at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index, bool checked) {
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
-  const int64_t B = x.size(0), D = x.size(2), K = index.size(1);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = index.size(1);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  if (checked && K > 0) {
+    std::vector<int64_t> seen(static_cast<size_t>(N), -1);  // the last row that took each token
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < K; ++t) {
+        const int64_t i = idx[b * K + t];
+        TORCH_CHECK_VALUE(i >= 0 && i < N, "index has value ", i, " in row ", b,
+                          ", expected [0, ", N, ")");
+        TORCH_CHECK_VALUE(seen[i] != b, "index has duplicate entries within a row (", i,
+                          " in row ", b, ")");
+        seen[i] = b;
+      }
+  }
   at::Tensor out = at::empty({B, K, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const auto* src = static_cast<const char*>(x.data_ptr());
   auto* dst = static_cast<char*>(out.data_ptr());
   const int64_t es = x.element_size(), s0 = x.stride(0) * es, s1 = x.stride(1) * es;
-  const int64_t* idx = index.data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, D * es));
   at::parallel_for(0, B * K, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
@@ -621,96 +638,40 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
   return holder.data_ptr<bool>();
 }
 
-}  // namespace
-
-// --------------------------------------------------------------------------- ops
-at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
-                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric_name) {
-  check_text(visual, text, text_mask);
-  const Metric metric = parse_metric(metric_name, "metric");
-  const int64_t B = visual.size(0), N = visual.size(1), M = text.size(1);
-  const Prepared V = prepare_tokens(visual, metric), T = prepare_tokens(text, metric);
+// --------------------------------------------------------------------------- kernels
+at::Tensor mi_scores(const Prepared& V, const Prepared& T,
+                     const c10::optional<at::Tensor>& text_mask, Metric metric) {
+  const int64_t B = V.y.size(0), N = V.y.size(1), M = T.y.size(1);
   at::Tensor tm;
   const bool* tmask = mask_ptr(text_mask, tm);
-  at::Tensor out = at::empty({B, N}, visual.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({B, N}, V.y.options());
   float* o = out.data_ptr<float>();
   for_batch(B, [&](int64_t b, bool parallel) {
-    mi_row(rows_of(V, b, metric), rows_of(T, b, metric), tmask ? tmask + b * M : nullptr, N, M,
+    mi_row(rows_of(V, b, metric), rows_of(T, b, metric), tmask ? tmask + b * M : nullptr, N, M, b,
            parallel, o + b * N);
   });
   return out;
 }
 
-at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective_name,
-                         c10::string_view metric_name, const c10::optional<at::Tensor>& mask,
-                         int64_t start) {
-  check_select(x, "x", k, mask, start);
-  const Objective obj = parse_objective(objective_name);
-  const Metric metric = parse_metric(metric_name, "metric");
-  const int64_t B = x.size(0), N = x.size(1);
-  at::Tensor out = at::empty({B, k}, x.options().dtype(at::kLong));
-  if (B == 0 || k == 0) return out;
-  const Prepared P = prepare_tokens(x, metric);
+at::Tensor greedy(const Prepared& P, int64_t k, Objective objective, Metric metric,
+                  const c10::optional<at::Tensor>& mask, int64_t start, Count need) {
+  const int64_t B = P.y.size(0), N = P.y.size(1);
+  at::Tensor out = at::empty({B, k}, P.y.options().dtype(at::kLong));
   at::Tensor mh;
   const bool* m = mask_ptr(mask, mh);
   int64_t* o = out.data_ptr<int64_t>();
   for_batch(B, [&](int64_t b, bool parallel) {
-    greedy_row(rows_of(P, b, metric), candidates(m ? m + b * N : nullptr, N), k, obj, start,
-               parallel, o + b * k);
+    greedy_row(rows_of(P, b, metric), candidates(m ? m + b * N : nullptr, N), k, objective, start,
+               need, b, parallel, o + b * k);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
-                                                  const c10::optional<at::Tensor>& index,
-                                                  const c10::optional<at::Tensor>& mask, bool sort) {
-  check_gather(x, index, mask);
-  at::Tensor idx;
-  if (mask.has_value()) {
-    const int64_t B = x.size(0), N = x.size(1);
-    const int64_t K = B > 0 ? mask->select(0, 0).sum().item<int64_t>() : 0;
-    idx = at::empty({B, K}, x.options().dtype(at::kLong));
-    at::Tensor mh;
-    const bool* m = mask_ptr(mask, mh);
-    int64_t* o = idx.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0, t = 0; i < N; ++i)
-        if (m[b * N + i]) o[b * K + t++] = i;
-  } else {
-    idx = index->to(at::kLong).contiguous();
-    if (sort) idx = std::get<0>(idx.sort(-1)).contiguous();
-    else if (index->scalar_type() == at::kLong && idx.is_same(*index)) idx = idx.clone();
-  }
-  return {gather_rows(x, idx), idx};
-}
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
-    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
-    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
-    c10::string_view mi_metric_name, c10::string_view objective_name, c10::string_view metric_name) {
-  const auto [mi_metric, obj, metric] = check_prune(visual, text, keep, stage1_keep, text_mask,
-                                                    mask, mi_metric_name, objective_name,
-                                                    metric_name);
-  const int64_t B = visual.size(0), N = visual.size(1), M = text.size(1);
-
-  const Prepared VM = prepare_tokens(visual, mi_metric), T = prepare_tokens(text, mi_metric);
-  const Prepared VG = metric == mi_metric ? VM : prepare_tokens(visual, metric);
-  at::Tensor tm, mh;
-  const bool* tmask = mask_ptr(text_mask, tm);
-  const bool* m = mask_ptr(mask, mh);
-  at::Tensor chosen = at::empty({B, keep}, visual.options().dtype(at::kLong));
-  int64_t* o = chosen.data_ptr<int64_t>();
-  for_batch(B, [&](int64_t b, bool parallel) {
-    std::vector<float> score(static_cast<size_t>(N));
-    mi_row(rows_of(VM, b, mi_metric), rows_of(T, b, mi_metric), tmask ? tmask + b * M : nullptr,
-           N, M, parallel, score.data());
-    const auto survivors = top_candidates(score.data(), m ? m + b * N : nullptr, N, stage1_keep);
-    int64_t* ob = o + b * keep;
-    greedy_row(rows_of(VG, b, metric), survivors, keep, obj, -1, parallel, ob);
-    std::sort(ob, ob + keep);
-  });
-  return {gather_rows(visual, chosen), chosen,
-          at::full({B}, keep, visual.options().dtype(at::kLong))};
+const Kernels& kernels() {
+  static const Kernels k{&mi_scores, &greedy, &gather_rows};
+  return k;
 }
 
 }  // namespace cpu

@@ -1,5 +1,7 @@
-// CUDA kernels of visprune: greedy_select and gather_compact as kernels; mi_scores and prune
-// compose them with ATen.  Same results as visprune/reference.py (indices identical).
+// CUDA kernels of visprune: mi_scores, greedy selection and the row gather, which ops.cpp
+// composes into the four ops (struct Kernels).  Same results as visprune/reference.py (indices
+// identical).  Nothing here reads a value back to the host: the choices that depend on the data
+// (non-finite rows, rows without candidates, out-of-range indices) are made on the device.
 //
 // greedy_select is latency-bound at batch size 1 (k sequential argmax steps), so each batch row
 // runs on G cooperating blocks of one persistent kernel: a block owns a slice of the tokens and
@@ -280,7 +282,7 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
         const volatile Best* p = slot + h;
         all = better(all, Best{p->v, p->i});
       }
-      selected = all.i;
+      selected = all.i == INT_MAX ? -1 : all.i;  // -1: no candidate left in the row
     }
     __syncthreads();
     return selected;
@@ -295,6 +297,11 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
     s = publish_and_reduce(mine, step++);
   }
   for (int64_t t = 0; t < a.k; ++t) {
+    if (s < 0) {  // the same in every block of the row, so they all leave the loop here
+      if (g == 0)
+        for (int64_t u = t + threadIdx.x; u < a.k; u += kThreads) a.out[b * a.k + u] = -1;
+      break;
+    }
     if (g == 0 && threadIdx.x == 0) a.out[b * a.k + t] = s;
     if (s >= lo && s < hi && threadIdx.x == 0) alive[s - lo] = false;
     __syncthreads();
@@ -328,15 +335,39 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
 // --------------------------------------------------------------------------- greedy driver
 constexpr int64_t kMaxStoredDistances = int64_t(1) << 26;  // 256 MiB of fp32 for B·N²
 
+// maxsum's exact start key Σ_j d(i, j) over the candidates j, for the rows flagged in exact[b]
+// (an l2 squared norm that overflows or is not finite, where the linear form below breaks down):
+// one warp per token, j ascending.  Other rows return at once, so the kernel is launched
+// unconditionally and the host never asks whether a row needs it.
+__global__ void pair_sum_kernel(const float* __restrict__ y, const float* __restrict__ sq,
+                                const bool* __restrict__ cand, const bool* __restrict__ exact,
+                                int64_t N, int64_t D, float* __restrict__ key) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = blockIdx.y;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  if (i >= N || !exact[b] || !cand[b * N + i]) return;
+  const float* yb = y + b * N * D;
+  const float sq_i = sq[b * N + i];
+  float s = 0.0f;
+  for (int64_t j = 0; j < N; ++j) {
+    if (!cand[b * N + j]) continue;
+    const float dot = warp_dot(yb + i * D, yb + j * D, D, lane);
+    s = __fadd_rn(s, distance(dot, /*cosine=*/false, sq_i, sq[b * N + j]));
+  }
+  if (lane == 0) key[b * N + i] = s;
+}
+
 // The start key of "auto": maxmin min_{j != i} d(i, j) (pairwise tiles, which can also leave the
 // distance matrix for the steps); maxsum Σ_j d(i, j), linear in a per-row summary (cosine:
 // n - x̂_i·Σ_j x̂_j over the tokens without NaN, whose own key is 0; l2: |x_i - x̄|², ranked like
-// Σ_j |x_i - x_j|²) unless an l2 squared norm is not finite, where the exact pair sums are used.
+// Σ_j |x_i - x_j|²) except in the l2 rows with a squared norm that is not finite (or close to
+// overflowing), where pair_sum_kernel sums the exact distances.
 at::Tensor start_key(const Prepared& P, const at::Tensor& cand, bool maxmin, bool cosine,
                      at::Tensor* dist) {
   const int64_t B = P.y.size(0), N = P.y.size(1), D = P.y.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto pairwise = [&](bool store) {
+  if (maxmin) {
+    const bool store = B * N * N <= kMaxStoredDistances;
     at::Tensor key = at::full({B, N}, std::numeric_limits<float>::infinity(), P.y.options());
     if (store) *dist = at::zeros({B, N, N}, P.y.options());
     const int64_t nt = (N + kTile - 1) / kTile;
@@ -352,10 +383,8 @@ at::Tensor start_key(const Prepared& P, const at::Tensor& cand, bool maxmin, boo
     }
     VISPRUNE_CUDA_CHECK(cudaGetLastError());
     return key;
-  };
-  if (maxmin) return pairwise(B * N * N <= kMaxStoredDistances);
+  }
 
-  const at::Tensor c3 = cand.unsqueeze(-1);
   if (cosine) {
     const at::Tensor ok = cand & ~P.y.isnan().any(-1);  // NaN tokens: distance 0 to all
     const at::Tensor total = P.y.masked_fill(~ok.unsqueeze(-1), 0.0f).sum(1);
@@ -363,45 +392,68 @@ at::Tensor start_key(const Prepared& P, const at::Tensor& cand, bool maxmin, boo
     return at::where(ok, n - row_summary(P.y, total, /*dot=*/true), at::zeros_like(n));
   }
   const at::Tensor n = cand.sum(-1, /*keepdim=*/true).to(at::kFloat);
-  const at::Tensor mean = P.y.masked_fill(~c3, 0.0f).sum(1) / n;
-  const at::Tensor linear = row_summary(P.y, mean, /*dot=*/false);
-  const at::Tensor exact_rows = (~(P.sq < 1e37f) & cand).any(-1, /*keepdim=*/true);
-  if (!exact_rows.any().item<bool>()) return linear;
-  pairwise(/*store=*/true);  // the full distance matrix, kept for the steps too
-  const at::Tensor pair = c3 & cand.unsqueeze(1);
-  const at::Tensor sums = dist->masked_fill(~pair, 0.0f).sum(-1);
-  return at::where(exact_rows, sums, linear);
+  const at::Tensor mean = P.y.masked_fill(~cand.unsqueeze(-1), 0.0f).sum(1) / n;
+  at::Tensor key = row_summary(P.y, mean, /*dot=*/false);
+  const at::Tensor exact = (~(P.sq < 1e37f) & cand).any(-1).contiguous();
+  const dim3 grid((N + kWarps - 1) / kWarps, B);
+  pair_sum_kernel<<<grid, kThreads, 0, stream>>>(P.y.data_ptr<float>(), P.sq.data_ptr<float>(),
+                                                 cand.data_ptr<bool>(), exact.data_ptr<bool>(), N,
+                                                 D, key.data_ptr<float>());
+  VISPRUNE_CUDA_CHECK(cudaGetLastError());
+  return key;
 }
 
-void launch_greedy(const Prepared& P, const at::Tensor& cand, int64_t k, Objective obj,
-                   Metric metric, int64_t start, at::Tensor& out) {
+// The blocks per row G and tokens per block of greedy_kernel, and how many of its blocks fit on
+// the device at once (`resident`) with the shared memory of that chunk size.  Fewer blocks mean
+// a larger chunk, more shared memory and possibly fewer resident blocks, so the count is lowered
+// until it fits with the shared memory it implies.
+struct GreedyLaunch {
+  int64_t blocks, resident;
+  int chunk;
+  size_t smem;
+};
+
+GreedyLaunch plan_greedy(int64_t N, int64_t per_block) {
+  int device = 0, sms = 0, smem_max = 0;
+  VISPRUNE_CUDA_CHECK(cudaGetDevice(&device));
+  VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  GreedyLaunch L;
+  L.blocks = std::max<int64_t>(1, (N + per_block - 1) / per_block);
+  for (;;) {
+    L.chunk = static_cast<int>((N + L.blocks - 1) / L.blocks);
+    L.smem = size_t(L.chunk) * (sizeof(float) + sizeof(bool));
+    TORCH_CHECK(L.smem <= size_t(smem_max), "greedy_select: N=", N,
+                " is too large for one cooperative launch on this device");
+    int per_sm = 0;
+    VISPRUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, greedy_kernel,
+                                                                      kThreads, L.smem));
+    TORCH_CHECK(per_sm > 0, "greedy_select: no block of the greedy kernel fits on an SM (",
+                L.smem, " bytes of shared memory)");
+    L.resident = int64_t(per_sm) * sms;
+    if (L.blocks <= L.resident) return L;
+    L.blocks = L.resident;
+  }
+}
+
+at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
+                  const c10::optional<at::Tensor>& mask, int64_t start, Count /*need*/) {
+  // Rows short of candidates are not reported here (that would need a host sync): the kernel
+  // records -1 from the step where a row has none left.
   const int64_t B = P.y.size(0), N = P.y.size(1), D = P.y.size(2);
+  at::Tensor out = at::empty({B, k}, P.y.options().dtype(at::kLong));
+  const at::Tensor cand = mask.has_value() ? mask->contiguous()
+                                           : at::ones({B, N}, P.y.options().dtype(at::kBool));
   const bool maxmin = obj == Objective::kMaxMin, cosine = metric == Metric::kCosine;
   at::Tensor dist, key;
   if (start < 0) key = start_key(P, cand, maxmin, cosine, &dist);
 
   // Blocks per row: enough to spread a step's work (a warp per token when the distances are
   // computed, a thread per token when stored), no more than fit on the device at once.
-  int device = 0, sms = 0, smem_max = 0;
-  VISPRUNE_CUDA_CHECK(cudaGetDevice(&device));
-  VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlock, device));
-  const int64_t per_block = dist.defined() ? 4 * kThreads : 4 * kWarps;
-  int64_t blocks = std::max<int64_t>(1, (N + per_block - 1) / per_block);
-  int chunk = static_cast<int>((N + blocks - 1) / blocks);
-  size_t smem = size_t(chunk) * (sizeof(float) + sizeof(bool));
-  int per_sm = 0;
-  VISPRUNE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, greedy_kernel,
-                                                                    kThreads, smem));
-  const int64_t resident = std::max<int64_t>(1, int64_t(per_sm) * sms);
-  blocks = std::min(blocks, resident);
-  chunk = static_cast<int>((N + blocks - 1) / blocks);
-  smem = size_t(chunk) * (sizeof(float) + sizeof(bool));
-  TORCH_CHECK(smem <= size_t(smem_max), "greedy_select: N=", N,
-              " is too large for one cooperative launch on this device");
-  const int64_t rows_per_launch = std::max<int64_t>(1, resident / blocks);
+  const GreedyLaunch L = plan_greedy(N, dist.defined() ? 4 * kThreads : 4 * kWarps);
+  const int64_t rows_per_launch = std::max<int64_t>(1, L.resident / L.blocks);
 
-  at::Tensor partial = at::empty({2 * B * blocks * int64_t(sizeof(Best))},
+  at::Tensor partial = at::empty({2 * B * L.blocks * int64_t(sizeof(Best))},
                                  P.y.options().dtype(at::kByte));
   at::Tensor sync = at::zeros({2 * B}, P.y.options().dtype(at::kInt));
   GreedyArgs args;
@@ -419,53 +471,46 @@ void launch_greedy(const Prepared& P, const at::Tensor& cand, int64_t k, Objecti
   args.D = D;
   args.k = k;
   args.start = start;
-  args.blocks = static_cast<int>(blocks);
-  args.chunk = chunk;
+  args.blocks = static_cast<int>(L.blocks);
+  args.chunk = L.chunk;
   args.cosine = cosine;
   args.maxmin = maxmin;
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_launch) {
     const int64_t rows = std::min(rows_per_launch, B - row0);
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(rows));
+    const dim3 grid(static_cast<unsigned>(L.blocks), static_cast<unsigned>(rows));
     void* params[] = {&args, &row0};
     VISPRUNE_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(greedy_kernel), grid,
-                                                    dim3(kThreads), params, smem, stream));
+                                                    dim3(kThreads), params, L.smem, stream));
   }
-}
-
-at::Tensor greedy_impl(const at::Tensor& x, int64_t k, Objective obj, Metric metric,
-                       const c10::optional<at::Tensor>& mask, int64_t start) {
-  const int64_t B = x.size(0), N = x.size(1);
-  at::Tensor out = at::empty({B, k}, x.options().dtype(at::kLong));
-  if (B == 0 || k == 0) return out;
-  const Prepared P = prepare_tokens(x, metric);
-  const at::Tensor cand = mask.has_value() ? mask->contiguous()
-                                           : at::ones({B, N}, x.options().dtype(at::kBool));
-  launch_greedy(P, cand, k, obj, metric, start, out);
   return out;
 }
 
 // --------------------------------------------------------------------------- gather
-// tokens[b, t] = x[b, index[b, t]]: one block per output row, 16-byte copies when aligned.
+// tokens[b, t] = x[b, index[b, t]]: one block per output row, 16-byte copies when aligned.  An
+// index outside [0, N) gives a zero row (never an access outside x).
 __global__ void gather_rows_kernel(const char* __restrict__ src, char* __restrict__ dst,
-                                   const int64_t* __restrict__ index, int64_t K, int64_t row_bytes,
-                                   int64_t stride_b, int64_t stride_n, bool vec16) {
+                                   const int64_t* __restrict__ index, int64_t N, int64_t K,
+                                   int64_t row_bytes, int64_t stride_b, int64_t stride_n,
+                                   bool vec16) {
   const int64_t r = blockIdx.x;
-  const int64_t b = r / K;
-  const char* from = src + b * stride_b + index[r] * stride_n;
+  const int64_t b = r / K, i = index[r];
+  const bool inside = i >= 0 && i < N;
+  const char* from = src + b * stride_b + (inside ? i : 0) * stride_n;
   char* to = dst + r * row_bytes;
   if (vec16) {
     const int4* f = reinterpret_cast<const int4*>(from);
     int4* o = reinterpret_cast<int4*>(to);
-    for (int64_t e = threadIdx.x; e < row_bytes / 16; e += blockDim.x) o[e] = f[e];
+    for (int64_t e = threadIdx.x; e < row_bytes / 16; e += blockDim.x)
+      o[e] = inside ? f[e] : make_int4(0, 0, 0, 0);
   } else {
-    for (int64_t e = threadIdx.x; e < row_bytes; e += blockDim.x) to[e] = from[e];
+    for (int64_t e = threadIdx.x; e < row_bytes; e += blockDim.x) to[e] = inside ? from[e] : 0;
   }
 }
 
-at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index) {
+at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index, bool /*checked*/) {
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
-  const int64_t B = x.size(0), D = x.size(2), K = index.size(1);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = index.size(1);
   at::Tensor out = at::empty({B, K, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const int64_t es = x.element_size(), row = D * es;
@@ -474,97 +519,80 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index) {
   const bool vec16 = reinterpret_cast<uintptr_t>(src) % 16 == 0 && row % 16 == 0 && sb % 16 == 0 &&
                      sn % 16 == 0;
   gather_rows_kernel<<<B * K, 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      src, static_cast<char*>(out.data_ptr()), index.data_ptr<int64_t>(), K, row, sb, sn, vec16);
+      src, static_cast<char*>(out.data_ptr()), index.data_ptr<int64_t>(), N, K, row, sb, sn, vec16);
   VISPRUNE_CUDA_CHECK(cudaGetLastError());
   return out;
 }
 
 // --------------------------------------------------------------------------- mi_scores
+// The reference's per-pair l2 formula on tokens centred on the text mean c,
+// -(1/m) Σ_j [(|v_i - c|² - 2 (v_i - c)·(t_j - c)) + |t_j - c|²] in true fp32, for the tokens
+// whose squared norm is not finite and every token of a row with a non-finite valid text token
+// (bad_text[b]); one warp per visual token, the others return at once.
+__global__ void mi_exact_kernel(const float* __restrict__ v, const float* __restrict__ vsq,
+                                const float* __restrict__ t, const float* __restrict__ center,
+                                const bool* __restrict__ valid, const bool* __restrict__ bad_text,
+                                const float* __restrict__ count, int64_t N, int64_t M, int64_t D,
+                                float* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = blockIdx.y;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  if (i >= N || (isfinite(vsq[b * N + i]) && !bad_text[b])) return;
+  const float* vi = v + (b * N + i) * D;
+  const float* c = center + b * D;
+  const float vv = warp_sqdist(vi, c, D, lane);
+  float s = 0.0f;
+  for (int64_t j = 0; j < M; ++j) {
+    if (!valid[b * M + j]) continue;
+    const float* tj = t + (b * M + j) * D;
+    float vt = 0.0f, tt = 0.0f;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const float a = __fsub_rn(vi[d], c[d]), e = __fsub_rn(tj[d], c[d]);
+      vt = fmaf(a, e, vt);
+      tt = fmaf(e, e, tt);
+    }
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off >>= 1) {
+      vt += __shfl_xor_sync(kFull, vt, off);
+      tt += __shfl_xor_sync(kFull, tt, off);
+    }
+    s = __fadd_rn(s, __fadd_rn(__fsub_rn(vv, __fmul_rn(2.0f, vt)), tt));
+  }
+  if (lane == 0) out[b * N + i] = -__fdiv_rn(s, count[b]);
+}
+
 // Linear in a summary of the valid text tokens, as on CPU: cosine x̂_i·mean_j t̂_j; l2
-// -(|v_i - t̄|² + mean_j |t_j - t̄|²), with the reference's per-pair formula where a squared norm
-// is not finite.  Padded text tokens take no part.
-at::Tensor mi_impl(const at::Tensor& visual, const at::Tensor& text,
-                   const c10::optional<at::Tensor>& text_mask, Metric metric) {
-  const Prepared V = prepare_tokens(visual, metric), T = prepare_tokens(text, metric);
+// -(|v_i - t̄|² + mean_j |t_j - t̄|²), with mi_exact_kernel where a squared norm is not finite.
+// Padded text tokens take no part.  A row without text token gets NaN scores.
+at::Tensor mi_scores(const Prepared& V, const Prepared& T,
+                     const c10::optional<at::Tensor>& text_mask, Metric metric) {
+  const int64_t B = V.y.size(0), N = V.y.size(1), M = T.y.size(1), D = V.y.size(2);
   const at::Tensor valid = text_mask.has_value()
-                               ? *text_mask
-                               : at::ones({text.size(0), text.size(1)}, text.options().dtype(at::kBool));
+                               ? text_mask->contiguous()
+                               : at::ones({B, M}, T.y.options().dtype(at::kBool));
   const at::Tensor v3 = valid.unsqueeze(-1);
   const at::Tensor m = valid.sum(-1, /*keepdim=*/true).to(at::kFloat);  // [B, 1]
-  const at::Tensor mean = T.y.masked_fill(~v3, 0.0f).sum(1) / m;        // [B, D]
+  const at::Tensor mean = (T.y.masked_fill(~v3, 0.0f).sum(1) / m).contiguous();  // [B, D]
   if (metric == Metric::kCosine) return row_summary(V.y, mean, /*dot=*/true);
   const at::Tensor spread =
       (T.y - mean.unsqueeze(1)).pow(2).sum(-1).masked_fill(~valid, 0.0f).sum(-1, true) / m;
-  const at::Tensor linear = -(row_summary(V.y, mean, /*dot=*/false) + spread);
-  const at::Tensor bad_text = (~at::isfinite(T.sq) & valid).any(-1, /*keepdim=*/true);
-  const at::Tensor exact_rows = ~at::isfinite(V.sq) | bad_text;
-  const at::Tensor pairs = (V.sq.unsqueeze(-1) - 2.0f * at::bmm(V.y, T.y.transpose(1, 2))) +
-                           T.sq.unsqueeze(1);
-  const at::Tensor exact = -(pairs.masked_fill(~valid.unsqueeze(1), 0.0f).sum(-1) / m);
-  return at::where(exact_rows, exact, linear);
+  at::Tensor out = -(row_summary(V.y, mean, /*dot=*/false) + spread);
+  if (B == 0 || N == 0) return out;
+  const at::Tensor bad_text = (~at::isfinite(T.sq) & valid).any(-1).contiguous();
+  const dim3 grid((N + kWarps - 1) / kWarps, B);
+  mi_exact_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      V.y.data_ptr<float>(), V.sq.data_ptr<float>(), T.y.data_ptr<float>(),
+      mean.data_ptr<float>(), valid.data_ptr<bool>(), bad_text.data_ptr<bool>(),
+      m.data_ptr<float>(), N, M, D, out.data_ptr<float>());
+  VISPRUNE_CUDA_CHECK(cudaGetLastError());
+  return out;
 }
 
 }  // namespace
 
-// --------------------------------------------------------------------------- ops
-at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
-                     const c10::optional<at::Tensor>& text_mask, c10::string_view metric_name) {
-  check_text(visual, text, text_mask);
-  const Metric metric = parse_metric(metric_name, "metric");
-  const c10::cuda::CUDAGuard guard(visual.device());
-  return mi_impl(visual, text, text_mask, metric);
-}
-
-at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective_name,
-                         c10::string_view metric_name, const c10::optional<at::Tensor>& mask,
-                         int64_t start) {
-  check_select(x, "x", k, mask, start);
-  const Objective obj = parse_objective(objective_name);
-  const Metric metric = parse_metric(metric_name, "metric");
-  const c10::cuda::CUDAGuard guard(x.device());
-  return greedy_impl(x, k, obj, metric, mask, start);
-}
-
-std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
-                                                  const c10::optional<at::Tensor>& index,
-                                                  const c10::optional<at::Tensor>& mask, bool sort) {
-  check_gather(x, index, mask);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor idx;
-  if (mask.has_value()) {
-    const int64_t B = x.size(0), K = B ? (*mask)[0].sum().item<int64_t>() : 0;
-    idx = mask->nonzero().select(1, 1).reshape({B, K}).contiguous();  // -1 fails when B == 0
-  } else {
-    idx = index->to(at::kLong);
-    idx = sort ? std::get<0>(idx.sort(-1)).contiguous() : idx.contiguous().clone();
-  }
-  return {gather_rows(x, idx), idx};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
-    const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
-    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
-    c10::string_view mi_metric_name, c10::string_view objective_name, c10::string_view metric_name) {
-  const auto [mi_metric, obj, metric] = check_prune(visual, text, keep, stage1_keep, text_mask,
-                                                    mask, mi_metric_name, objective_name,
-                                                    metric_name);
-  const c10::cuda::CUDAGuard guard(visual.device());
-  const int64_t B = visual.size(0);
-  // Stage 1: the reference's topk_mask (NaN and -inf after every real score, +inf as the largest
-  // float, non-candidates last, ties to the lowest index through a stable sort).
-  const float lowest = std::numeric_limits<float>::lowest();
-  at::Tensor score = at::nan_to_num(mi_impl(visual, text, text_mask, mi_metric), lowest,
-                                    c10::nullopt, lowest);
-  if (mask.has_value()) score = score.masked_fill(~*mask, -std::numeric_limits<float>::infinity());
-  const at::Tensor order =
-      std::get<1>(score.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(1, 0, stage1_keep);
-  const at::Tensor survivors = at::zeros_like(score, score.options().dtype(at::kBool))
-                                   .scatter_(1, order, true);
-  // Stage 2 and the compaction in original order.
-  const at::Tensor chosen = std::get<0>(greedy_impl(visual, keep, obj, metric, survivors, -1).sort(-1))
-                                .contiguous();
-  return {gather_rows(visual, chosen), chosen,
-          at::full({B}, keep, visual.options().dtype(at::kLong))};
+const Kernels& kernels() {
+  static const Kernels k{&mi_scores, &greedy, &gather_rows};
+  return k;
 }
 
 }  // namespace cuda
