@@ -13,6 +13,8 @@ import visprune
 from visprune import _ext, ops
 from visprune import reference as ref
 
+from helpers import assert_greedy_matches_literal
+
 needs_cpu = pytest.mark.skipif(not _ext.has_cpu(), reason=f"visprune._C not built: {_ext.IMPORT_ERROR}")
 needs_cuda = pytest.mark.skipif(not (_ext.has_cuda() and torch.cuda.is_available()),
                                 reason="needs the CUDA kernels of visprune._C and a CUDA GPU")
@@ -496,7 +498,11 @@ def test_cuda_greedy_select_matches_reference(B, N, D, k, objective, metric):
     for m in (None, mask):
         want = ref.greedy_select(x, k, objective, metric, m)
         got = ops.greedy_select(x, k, objective=objective, metric=metric, mask=m, backend="cuda")
-        assert torch.equal(got, want)
+        if not torch.equal(got, want):
+            # Random tokens at large N: fp32 near-ties may flip with the summation order; every
+            # pick must still be a float64 near-best along its own path.
+            assert_greedy_matches_literal(x.cpu(), got.cpu(), objective, metric,
+                                          None if m is None else m.cpu())
 
 
 @pytest.mark.gpu
