@@ -37,6 +37,6 @@ def test_op(benchmark, case, backend, bench_device, bench_dtype, timed):
         raise
     benchmark.group = case.label
     benchmark.extra_info.update(op=case.op, shape=case.shape_label, backend=backend,
-                                device=bench_device.type, dtype=str(bench_dtype).replace("torch.", ""),
+                                device=bench_device.type, dtype=bench.dtype_name(bench_dtype),
                                 **info)
     benchmark(timed(fn))

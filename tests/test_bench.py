@@ -1,7 +1,9 @@
 """Smoke tests of the benchmark harness (visprune.bench): tiny shapes, a few repetitions."""
+import ast
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -51,7 +53,7 @@ def test_cli_quick_json(tmp_path):
 def test_speedups_come_from_measured_times(monkeypatch):
     """A fake second backend (the reference plus a 2 ms sleep) is really timed, and its speed-up is
     the ratio of the two medians (no ordering asserted: a loaded machine can stall either one)."""
-    real = bench.backend_call
+    real = bench.runner.backend_call
 
     def fake(case, backend, args, kwargs, device):
         if backend != "slow":
@@ -59,7 +61,7 @@ def test_speedups_come_from_measured_times(monkeypatch):
         fn, _ = real(case, "reference", args, kwargs, device)
         return (lambda: (time.sleep(0.002), fn())[1]), {}
 
-    monkeypatch.setattr(bench, "backend_call", fake)
+    monkeypatch.setattr(bench.runner, "backend_call", fake)
     rows = _run_case(bench.Case("greedy_select:maxmin", TINY), ["reference", "slow"])
     ref, slow = rows["reference"], rows["slow"]
     assert slow["check"] == "ok"
@@ -69,7 +71,7 @@ def test_speedups_come_from_measured_times(monkeypatch):
 
 
 def test_mismatch_is_reported(monkeypatch):
-    real = bench.backend_call
+    real = bench.runner.backend_call
 
     def wrong(case, backend, args, kwargs, device):
         if backend != "wrong":
@@ -77,7 +79,7 @@ def test_mismatch_is_reported(monkeypatch):
         fn, _ = real(case, "reference", args, kwargs, device)
         return (lambda: fn().flip(-1)), {}
 
-    monkeypatch.setattr(bench, "backend_call", wrong)
+    monkeypatch.setattr(bench.runner, "backend_call", wrong)
     rows = _run_case(bench.Case("greedy_select:maxsum", TINY), ["reference", "wrong"])
     assert rows["wrong"]["check"] == "MISMATCH"
 
@@ -153,3 +155,16 @@ def test_plot_without_matplotlib(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib -> ImportError
     assert bench.main(["--quick", "--shapes", "tiny", "--plot", os.devnull]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_bench_does_not_import_the_reference():
+    """The ops are timed through visprune.ops; the stage-1 rule comes from visprune.common."""
+    for path in pathlib.Path(bench.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.split(".")[-1] == "reference" for n in names), f"{path.name}: {names}"
