@@ -241,9 +241,10 @@ def _tile(N: int) -> int:
 def _start_pass(x, norms, cand, part, dist, metric, objective, num_splits):
     B, N, D = x.shape
     BLOCK = _tile(N)
-    # 64 x 64 tiles over 64-wide slices of D with 8 warps: no register spills on sm_90 (4 warps
-    # or 128-wide slices spill about 1 KB per thread).
-    BLOCK_D = block(D, 16, 64)
+    # 64 x 64 tiles with 8 warps over 64-wide slices of D, 32-wide for fp32 (its tiles hold twice
+    # the registers): no register spills on sm_90 with Triton 3.6 or 3.9 (4 warps, wider slices
+    # or 64-wide fp32 slices with STORE spill).
+    BLOCK_D = block(D, 16, 32 if x.dtype == torch.float32 else 64)
     grid = (B, triton.cdiv(N, BLOCK), num_splits)
     _dist_tile_kernel[grid](
         x, *x.stride(), norms, cand if cand is not None else norms,

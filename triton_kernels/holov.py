@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block
+from .utils import block, on_device
 
 _EPS = tl.constexpr(1e-6)      # the original's ``x / (x.norm() + 1e-6)``
 
@@ -74,6 +74,7 @@ def _variance_kernel(x_ptr, v_ptr, D, base, rem, s_xb, s_xn, s_xd, s_vb, s_vn,
     tl.store(v_ptr + i_b * s_vb + (start + o_r) * s_vn, b_sq / m1, mask=m_r)
 
 
+@on_device
 def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     """``float32[B, N]``: each token's ``V_i`` within its crop (see the module docstring).
 
@@ -86,8 +87,10 @@ def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     if B == 0 or largest == 0:
         return out
     BR = BC = block(largest, 16, 64)                             # tl.dot needs dims >= 16
-    BD = block(D, 16, 64)
+    # 32-wide slices of D, 8 warps for 32- and 64-row tiles: no register spills on sm_90 with
+    # Triton 3.6 or 3.9 at any dtype (64-wide slices spill, and so do 4 warps at 32 rows).
+    BD = block(D, 16, 32)
     grid = (triton.cdiv(largest, BR), num_crops, B)
     _variance_kernel[grid](features, out, D, base, rem, *features.stride(), *out.stride(),
-                           BR=BR, BC=BC, BD=BD, num_warps=8)  # 4 warps spill at 64 x 64
+                           BR=BR, BC=BC, BD=BD, num_warps=4 if BR == 16 else 8)
     return out

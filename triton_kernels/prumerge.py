@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import EPS, block
+from .utils import EPS, block, on_device
 
 _NAN_COSINE = tl.constexpr(-3.0)             # a NaN cosine ranks below every real one
 _NOT_A_CANDIDATE = tl.constexpr(-(2 ** 63 - 1))   # below every packed (cosine, index) key
@@ -110,6 +110,7 @@ def _merge_kernel(k_ptr, x_ptr, a_ptr, i_ptr, o_ptr,
                  b_out.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
 
 
+@on_device
 def merge(keys: torch.Tensor, features: torch.Tensor, attn: torch.Tensor, index: torch.Tensor,
           out: torch.Tensor, *, neighbours: int = 32) -> torch.Tensor:
     """Write the merged tokens into ``out[B, L, D]`` (any strides) and return it.
@@ -125,8 +126,10 @@ def merge(keys: torch.Tensor, features: torch.Tensor, attn: torch.Tensor, index:
     if B == 0 or L == 0:
         return out
     BQ, BN = 16, 64                                       # tl.dot needs every block dim >= 16
-    BK = block(DK, 16, 64)
-    BD = block(D, 16, 32)                                # [BQ, K, BD] gathered per step
+    # 32-wide key slices and [BQ, K, 16] gathers with 8 warps: no register spills on sm_90 with
+    # Triton 3.6 or 3.9 at any dtype (64-wide key slices or 32-wide gathers spill for fp32).
+    BK = block(DK, 16, 32)
+    BD = block(D, 16, 16)                                # [BQ, K, BD] gathered per step
     grid = (triton.cdiv(L, BQ), B)
     _merge_kernel[grid](keys, features, attn, index, out, N, L, DK, D,
                         *keys.stride(), *features.stride(), *attn.stride(), *index.stride(),
