@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
     return {K.gather_rows(visual, none, /*checked=*/false), none, lengths};
   }
 
-  // One fp32 copy of the visual tokens serves both metrics.
+  // One fp32 conversion of the visual tokens serves both metrics (cosine then normalises it).
   const at::Tensor xf = fp32_tokens(visual);
   const Prepared VM = prepare_tokens(xf, mi_metric);
   const Prepared VG = metric == mi_metric ? VM : prepare_tokens(xf, metric);

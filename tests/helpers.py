@@ -182,6 +182,11 @@ def assert_greedy_matches_literal(x: torch.Tensor, out: torch.Tensor, objective:
                 assert got >= best - tol or got == best, (
                     f"row {b} step {t}: picked {pick} with value {got}, but the best is "
                     f"{cands[vals.index(best)]} with {best}")
+                # An exact float64 tie (duplicates, exact arithmetic) is exact in fp32 too: the
+                # lowest index must win it.
+                assert got != best or pick == cands[vals.index(best)], (
+                    f"row {b} step {t}: picked {pick}, but {cands[vals.index(best)]} ties it "
+                    f"exactly ({best}) and has the lower index")
             else:
                 assert pick == start
             selected.append(pick)

@@ -3,7 +3,6 @@ non-finite attention, the dtypes and argument types the ops accept."""
 import pytest
 import torch
 
-import visprune
 from visprune import ops
 from visprune.backends import backend_status
 from visprune.methods import holov
@@ -163,8 +162,3 @@ def test_compiled_prune_names_stage1_keep():
                        backend="eager", fullgraph=True)
     with pytest.raises(ValueError, match="stage1_keep"):
         fn(x, t, mask)
-
-
-# --------------------------------------------------------------------------- 9. device strings
-def test_available_backends_with_a_device_string():
-    assert visprune.available_backends("cpu")["reference"] == "ok"

@@ -18,9 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from visprune import common
+
 from .utils import block, on_device
 
-_EPS = tl.constexpr(1e-6)      # the original's ``x / (x.norm() + 1e-6)``
+_EPS = tl.constexpr(common.HOLOV_EPS)      # the original's ``x / (x.norm() + 1e-6)``
 
 
 @triton.jit

@@ -19,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from visprune import common
+
 from .utils import EPS, block, on_device
 
-_NAN_COSINE = tl.constexpr(-3.0)             # a NaN cosine ranks below every real one
+_NAN_COSINE = tl.constexpr(common.NAN_COSINE)   # a NaN cosine ranks below every real one
 _NOT_A_CANDIDATE = tl.constexpr(-(2 ** 63 - 1))   # below every packed (cosine, index) key
 
 

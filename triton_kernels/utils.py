@@ -7,9 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from visprune import common
 from visprune.backends import interpreting  # noqa: F401  (re-exported for the launchers)
 
-EPS = tl.constexpr(1e-12)     # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
+EPS = tl.constexpr(common.EPS)     # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
 
 # Metric and objective codes: launchers pass them as constexprs, kernels compare with these.
 COSINE, L2 = tl.constexpr(0), tl.constexpr(1)

@@ -100,10 +100,6 @@ def default_backend(device: torch.device) -> str:
     return "cpu" if backend_status("cpu", device)[0] else "reference"
 
 
-_MODULES = {"reference": "visprune.reference", "triton": "visprune.triton_kernels",
-            "cpu": "visprune._ext", "cuda": "visprune._ext"}
-
-
 def checked_name(backend: Optional[str], device: torch.device) -> str:
     """The backend that runs an op for tensors on ``device``; raises if it cannot run."""
     name = default_backend(device) if backend is None else backend
@@ -115,10 +111,15 @@ def checked_name(backend: Optional[str], device: torch.device) -> str:
 
 def module(name: str) -> ModuleType:
     """The module implementing backend ``name`` (checked with :func:`checked_name`)."""
-    # Already imported by backend_status for the compiled backends; torch.compile traces a
-    # sys.modules look-up but not importlib.import_module.
-    found = sys.modules.get(_MODULES[name])
-    return found if found is not None else importlib.import_module(_MODULES[name])
+    # Import statements, not importlib: torch.compile traces them (it refuses importlib), so a
+    # compiled call may be the first one.
+    if name == "reference":
+        from . import reference as found
+    elif name == "triton":
+        from . import triton_kernels as found
+    else:
+        from . import _ext as found
+    return found
 
 
 def resolve(backend: Optional[str], device: torch.device) -> ModuleType:

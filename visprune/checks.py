@@ -8,8 +8,8 @@ its arguments here before any work.  Two kinds of check:
 * value checks (mask counts, index ranges, duplicate indices) read tensor data, i.e. make the host
   wait for the device.  They run by default; ``validate=False`` on an op skips them for a
   sync-free call (CUDA-graph capture, a hot loop on indices visprune itself produced), and they
-  are skipped while ``torch.compile`` traces, where they would break the graph.  The kernels stay
-  memory-safe without them.
+  are skipped while ``torch.compile`` traces an opaque op ("triton", "cpu", "cuda" backends),
+  where they would break the graph.  The kernels stay memory-safe without them.
 
 A failed check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or value)
 whose message names the argument, what was received and what was expected.

@@ -10,10 +10,12 @@ import contextlib
 import math
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 
 EPS = 1e-12            # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
 NAN_COSINE = -3.0      # a NaN cosine ranks below every real one (|cos| <= 1), in index order
+HOLOV_EPS = 1e-6       # HoloV's ``x / (||x|| + 1e-6)`` and its ``+ 1e-6`` denominators
 
 
 class PruneResult(NamedTuple):
@@ -32,7 +34,9 @@ class PruneResult(NamedTuple):
 def true_fp32():
     """IEEE fp32 matrix products inside the block (selection is discrete: TF32 rounding flips
     choices).  Changes torch's matmul precision only when it is not already ``"highest"`` and
-    restores it on exit, so a caller that keeps the default never sees a global change."""
+    restores it on exit, so a caller that keeps the default never sees a global change.  The
+    setting is process-wide: a caller who lowered it and runs visprune in several threads at once
+    may see one thread restore it while another is inside the block."""
     old = torch.get_float32_matmul_precision()
     if old == "highest":
         yield
@@ -45,8 +49,9 @@ def true_fp32():
 
 
 def stage1_count(n: int, stage1_keep: Union[int, float]) -> int:
-    """Stage-1 survivors: an int as is; a float fraction of ``n`` rounded half up."""
-    if isinstance(stage1_keep, float):
+    """Stage-1 survivors: an int as is; a float (Python or NumPy) fraction of ``n`` rounded
+    half up."""
+    if isinstance(stage1_keep, (float, np.floating)):
         return int(math.floor(stage1_keep * n + 0.5))
     return int(stage1_keep)
 
@@ -63,30 +68,10 @@ def descending_order(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) 
 
 
 def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index)."""
+    """``bool[B, N]``: True at the ``k`` highest scores of each row (ties → lowest index), and
+    only where ``mask`` is True (a row with fewer candidates than ``k``, possible only without
+    validation, keeps just its candidates)."""
     order = descending_order(scores, mask)[:, :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    return top if mask is None else top & mask
 
-
-def register_gather_grad(qualname: str) -> None:
-    """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
-    from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
-    differentiable w.r.t. ``x`` on every backend, as ``torch.gather`` makes it in the reference;
-    the selection itself is discrete and passes no gradient.  Every other input gets ``None``."""
-    op = getattr(getattr(torch.ops, qualname.split("::")[0]), qualname.split("::")[1]).default
-    n_inputs = len(op._schema.arguments)
-
-    def setup_context(ctx, inputs, output):
-        ctx.x_shape = inputs[0].shape
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, grad_tokens, *_):
-        if grad_tokens is None:
-            return (None,) * n_inputs
-        (index,) = ctx.saved_tensors
-        grad = grad_tokens.new_zeros(ctx.x_shape)
-        if grad_tokens.numel():
-            grad.scatter_add_(1, index[..., None].expand(-1, -1, ctx.x_shape[-1]), grad_tokens)
-        return (grad,) + (None,) * (n_inputs - 1)
-
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)

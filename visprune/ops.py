@@ -10,8 +10,10 @@ tensor values (mask counts, index ranges) cost one host-device sync per call; ``
 skips them, so that ``mi_scores`` / ``greedy_select`` / ``prune`` / the index form of
 ``gather_compact`` run without a sync (CUDA-graph capture, indices visprune itself produced).
 They are also skipped while ``torch.compile`` traces an op of the "triton", "cpu" or "cuda"
-backend (opaque ops whose values the trace cannot read).  Without them the kernels stay memory-safe,
-but invalid values give unspecified (in-range) results instead of an error.
+backend (opaque ops whose values the trace cannot read).  Without them the kernels stay
+memory-safe, but invalid values give unspecified results instead of an error (the CPU kernels
+still raise where they meet a bad value; Triton repeats in-range indices; the CUDA kernels record
+-1 for a row that runs out of candidates).
 """
 from __future__ import annotations
 
@@ -88,8 +90,9 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
 
     Exactly one of ``index[B, K]`` (integer positions, unique per row) or ``mask[B, N]`` (bool,
     the same number of True per row) is given.  With ``sort=True`` the kept rows keep their
-    original order; the mask form is always in original order.  ``x`` may have any real dtype
-    (floating, integer or bool); ``tokens`` is differentiable w.r.t. ``x`` on every backend.
+    original order; the mask form is always in original order.  ``x`` may be fp32/fp16/bf16/fp64,
+    a signed integer, uint8 or bool (``checks.GATHER_DTYPES``); ``tokens`` is differentiable
+    w.r.t. ``x`` on every backend.
     The mask form reads the kept count from the device (its output shape depends on it), so only
     the index form is free of syncs with ``validate=False``.
     """

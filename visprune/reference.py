@@ -2,7 +2,8 @@
 
 Readable first: every op is written the way the method describes it, with an explicit
 ``[B, N, N]`` distance matrix and one Python iteration per greedy step (vectorised over the
-batch).  Arguments are assumed to be validated by :mod:`visprune.ops`.
+batch); ``mi_scores`` in the text-summary form the contract states (each score a reduction of one
+token with the summary, so identical tokens score identically).  Arguments are assumed to be validated by :mod:`visprune.ops`.
 
 Numerical conventions shared by every backend (see ``README.md``):
 
@@ -25,6 +26,9 @@ from .common import EPS, PruneResult, descending_order, stage1_count, topk_mask,
 
 __all__ = ["mi_scores", "pairwise_distance", "greedy_select", "gather_compact", "prune",
            "PruneResult", "stage1_count", "descending_order", "topk_mask"]
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -53,20 +57,26 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
     ``l2``: ``-(1/M_b) Σ_j ||v_i - t_j||²``; ``cosine``: ``(1/M_b) Σ_j cos(v_i, t_j)``, the mean
     over the valid text tokens ``j`` of row ``b``.
     """
-    with true_fp32():
-        if metric == "cosine":
-            sim = _normalize(visual) @ _normalize(text).transpose(1, 2)          # [B, N, M]
-            return _masked_mean(sim, text_mask)
-        v, t = _fp32(visual), _fp32(text)
-        # Distances do not change under a common shift: centring on the text mean keeps a large
-        # common offset from cancelling in the rounding of the expanded square.
-        valid = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if text_mask is None \
-            else text_mask
-        center = t.masked_fill(~valid[..., None], 0.0).sum(1, keepdim=True) \
-            / valid.sum(1)[:, None, None]
-        v, t = v - center, t - center
-        sq = (v * v).sum(-1, keepdim=True) - 2 * v @ t.transpose(1, 2) + (t * t).sum(-1)[:, None, :]
-        return -_masked_mean(sq, text_mask)
+    # Both are linear in a summary of the valid text tokens (their mean unit vector; their mean
+    # offset and spread around the text mean), so each score is a reduction over D of one token
+    # with that summary: elementwise products summed per token, never a matrix product, whose
+    # rounding can depend on a token's row position (identical tokens must score identically).
+    t = _fp32(text)
+    valid = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if text_mask is None \
+        else text_mask
+    n = valid.sum(1)[:, None, None]
+
+    def mean(values):          # over the valid text tokens; padding (even NaN/Inf) cannot leak
+        return values.masked_fill(~valid[..., None], 0.0).sum(1, keepdim=True) / n
+
+    if metric == "cosine":
+        return (_normalize(visual) * mean(_normalize(t))).sum(-1)
+    # l2: centring on the text mean keeps a large common offset from cancelling in the rounding
+    # of the expanded square: -mean_j ||v-t_j||² = -(||v'||² - 2 v'·mean(t') + mean(||t'||²)).
+    center = mean(t)
+    v, t = _fp32(visual) - center, t - center
+    spread = mean((t * t).sum(-1, keepdim=True))
+    return -((v * (v - 2 * mean(t))).sum(-1) + spread[..., 0])
 
 
 def pairwise_distance(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
@@ -136,8 +146,11 @@ def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None,
     else:
         # sort() and clone() both give a new tensor: the caller's index is never returned.
         index = index.long().sort(dim=-1).values if sort else index.long().clone()
-    tokens = torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-    return tokens, index
+    # Rows are copied bit for bit: torch.gather rewrites the bits of a bf16 NaN on CPU, so
+    # floating tokens go through an integer view of the same width (unless a gradient is needed).
+    src = x if x.requires_grad or not x.dtype.is_floating_point else x.view(_BITS[x.element_size()])
+    tokens = torch.gather(src, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+    return (tokens if src is x else tokens.view(x.dtype)), index
 
 
 def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Union[int, float] = 0.8,

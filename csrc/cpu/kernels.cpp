@@ -538,20 +538,17 @@ std::vector<int64_t> candidates(const bool* mask, int64_t N) {
 // --------------------------------------------------------------------------- mi_scores
 // Linear in a per-row summary of the valid text tokens (DESIGN: no N×M matrix): cosine
 // mean_j x̂_i·t̂_j = x̂_i·mean_j t̂_j, l2 mean_j |v_i - t_j|² = |v_i - t̄|² + mean_j |t_j - t̄|².
-// Padded (masked-out) text tokens take no part, whatever they hold.  Non-finite values follow
-// the reference's per-pair formula (on tokens centred on t̄): an l2 row whose squared norm is not
-// finite, or every row when a valid text token's is not, is computed pair by pair.  `row` names
-// the batch row in messages.
+// Padded (masked-out) text tokens take no part, whatever they hold.  The reference computes the
+// same summary form, so a non-finite token scores -inf or NaN as it does there.  `row` names the
+// batch row in messages.
 void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t M, int64_t row,
             bool parallel, float* out) {
   const int64_t D = V.D;
   int64_t m = 0;
-  bool text_exact = false;
   std::vector<double> acc(static_cast<size_t>(D), 0.0);
   for (int64_t j = 0; j < M; ++j) {
     if (tmask && !tmask[j]) continue;
     const float* t = T.row(j);
-    if (V.metric == Metric::kL2) text_exact |= !std::isfinite(T.sq[j]);
     for (int64_t d = 0; d < D; ++d) acc[d] += t[d];
     ++m;
   }
@@ -560,42 +557,23 @@ void mi_row(const Rows& V, const Rows& T, const bool* tmask, int64_t N, int64_t 
   std::vector<float> mean(static_cast<size_t>(D));
   for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<float>(acc[d] / m);
   float spread = 0.0f;  // mean_j |t_j - t̄|², the same for every visual token
-  std::vector<float> tsq(static_cast<size_t>(M), 0.0f);  // |t_j - t̄|² in fp32, for exact rows
   if (V.metric == Metric::kL2) {
     double s = 0.0;
     for (int64_t j = 0; j < M; ++j) {
       if (tmask && !tmask[j]) continue;
       const float* t = T.row(j);
-      float f = 0.0f;
       for (int64_t d = 0; d < D; ++d) {
         const float e = t[d] - mean[d];
         s += double(e) * double(e);
-        f += e * e;
       }
-      tsq[j] = f;
     }
     spread = static_cast<float>(s / m);
   }
   for_range(parallel, N, 16, [&](int64_t i0, int64_t i1, int64_t) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* v = V.row(i);
-      if (V.metric == Metric::kCosine) {
-        out[i] = dot(v, mean.data(), D);
-      } else if (!text_exact && std::isfinite(V.sq[i])) {
-        out[i] = -(sqdist(v, mean.data(), D) + spread);
-      } else {  // the reference's (|v - t̄|² - 2 (v - t̄)·(t - t̄)) + |t - t̄|², averaged over j
-        float vsq = 0.0f;
-        for (int64_t d = 0; d < D; ++d) vsq += (v[d] - mean[d]) * (v[d] - mean[d]);
-        float s = 0.0f;
-        for (int64_t j = 0; j < M; ++j) {
-          if (tmask && !tmask[j]) continue;
-          const float* t = T.row(j);
-          float vt = 0.0f;
-          for (int64_t d = 0; d < D; ++d) vt += (v[d] - mean[d]) * (t[d] - mean[d]);
-          s += (vsq - 2.0f * vt) + tsq[j];
-        }
-        out[i] = -(s / static_cast<float>(m));
-      }
+      out[i] = V.metric == Metric::kCosine ? dot(v, mean.data(), D)
+                                           : -(sqdist(v, mean.data(), D) + spread);
     }
   });
 }

@@ -418,6 +418,10 @@ GreedyLaunch plan_greedy(int64_t N, int64_t per_block) {
   VISPRUNE_CUDA_CHECK(cudaGetDevice(&device));
   VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   VISPRUNE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  // The kernel's static shared memory (argmax scratch) counts against the same per-block limit.
+  cudaFuncAttributes attr;
+  VISPRUNE_CUDA_CHECK(cudaFuncGetAttributes(&attr, greedy_kernel));
+  smem_max -= static_cast<int>(attr.sharedSizeBytes);
   GreedyLaunch L;
   L.blocks = std::max<int64_t>(1, (N + per_block - 1) / per_block);
   for (;;) {
@@ -525,45 +529,9 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index, bool /*c
 }
 
 // --------------------------------------------------------------------------- mi_scores
-// The reference's per-pair l2 formula on tokens centred on the text mean c,
-// -(1/m) Σ_j [(|v_i - c|² - 2 (v_i - c)·(t_j - c)) + |t_j - c|²] in true fp32, for the tokens
-// whose squared norm is not finite and every token of a row with a non-finite valid text token
-// (bad_text[b]); one warp per visual token, the others return at once.
-__global__ void mi_exact_kernel(const float* __restrict__ v, const float* __restrict__ vsq,
-                                const float* __restrict__ t, const float* __restrict__ center,
-                                const bool* __restrict__ valid, const bool* __restrict__ bad_text,
-                                const float* __restrict__ count, int64_t N, int64_t M, int64_t D,
-                                float* __restrict__ out) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t b = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
-  if (i >= N || (isfinite(vsq[b * N + i]) && !bad_text[b])) return;
-  const float* vi = v + (b * N + i) * D;
-  const float* c = center + b * D;
-  const float vv = warp_sqdist(vi, c, D, lane);
-  float s = 0.0f;
-  for (int64_t j = 0; j < M; ++j) {
-    if (!valid[b * M + j]) continue;
-    const float* tj = t + (b * M + j) * D;
-    float vt = 0.0f, tt = 0.0f;
-    for (int64_t d = lane; d < D; d += kWarp) {
-      const float a = __fsub_rn(vi[d], c[d]), e = __fsub_rn(tj[d], c[d]);
-      vt = fmaf(a, e, vt);
-      tt = fmaf(e, e, tt);
-    }
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off >>= 1) {
-      vt += __shfl_xor_sync(kFull, vt, off);
-      tt += __shfl_xor_sync(kFull, tt, off);
-    }
-    s = __fadd_rn(s, __fadd_rn(__fsub_rn(vv, __fmul_rn(2.0f, vt)), tt));
-  }
-  if (lane == 0) out[b * N + i] = -__fdiv_rn(s, count[b]);
-}
-
-// Linear in a summary of the valid text tokens, as on CPU: cosine x̂_i·mean_j t̂_j; l2
-// -(|v_i - t̄|² + mean_j |t_j - t̄|²), with mi_exact_kernel where a squared norm is not finite.
-// Padded text tokens take no part.  A row without text token gets NaN scores.
+// Linear in a summary of the valid text tokens, as on CPU and in the reference: cosine
+// x̂_i·mean_j t̂_j; l2 -(|v_i - t̄|² + mean_j |t_j - t̄|²).  A non-finite token scores -inf or NaN
+// as it does there.  Padded text tokens take no part.  A row without text token gets NaN scores.
 at::Tensor mi_scores(const Prepared& V, const Prepared& T,
                      const c10::optional<at::Tensor>& text_mask, Metric metric) {
   const int64_t B = V.y.size(0), N = V.y.size(1), M = T.y.size(1), D = V.y.size(2);
@@ -576,16 +544,7 @@ at::Tensor mi_scores(const Prepared& V, const Prepared& T,
   if (metric == Metric::kCosine) return row_summary(V.y, mean, /*dot=*/true);
   const at::Tensor spread =
       (T.y - mean.unsqueeze(1)).pow(2).sum(-1).masked_fill(~valid, 0.0f).sum(-1, true) / m;
-  at::Tensor out = -(row_summary(V.y, mean, /*dot=*/false) + spread);
-  if (B == 0 || N == 0) return out;
-  const at::Tensor bad_text = (~at::isfinite(T.sq) & valid).any(-1).contiguous();
-  const dim3 grid((N + kWarps - 1) / kWarps, B);
-  mi_exact_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      V.y.data_ptr<float>(), V.sq.data_ptr<float>(), T.y.data_ptr<float>(),
-      mean.data_ptr<float>(), valid.data_ptr<bool>(), bad_text.data_ptr<bool>(),
-      m.data_ptr<float>(), N, M, D, out.data_ptr<float>());
-  VISPRUNE_CUDA_CHECK(cudaGetLastError());
-  return out;
+  return -(row_summary(V.y, mean, /*dot=*/false) + spread);
 }
 
 }  // namespace

@@ -146,8 +146,8 @@ class PruningHandle:
                                  f"{type(tower).__name__} has no CLS token")
             self._layers = encoder.encoder.layers
         if method == "trimtokenator":
-            self._stage1 = self.method_kwargs.get(
-                "stage1_keep", inspect.signature(fn).parameters["stage1_keep"].default)
+            self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
+                "stage1_keep", inspect.signature(fn).parameters["stage1_keep"].default))
         checked_name(self.method_kwargs.get("backend"), model.device)
         self._dry_run()
         if not self._next:          # LLaVA-1.5: every image has the same, known token count

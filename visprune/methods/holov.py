@@ -13,12 +13,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import checks, ops
-from ..common import PruneResult, descending_order, true_fp32
+from ..common import HOLOV_EPS, PruneResult, descending_order, true_fp32
 from ._common import use_triton
 
 __all__ = ["holov", "crop_layout", "similarity_variance", "crop_scores", "allocate"]
 
-_NORM_EPS = 1e-6         # the original's ``x / (x.norm() + 1e-6)``, ``+ 1e-6`` denominators
 
 
 def crop_layout(n: int, num_crops: int, device=None) -> Tuple[torch.Tensor, ...]:
@@ -43,7 +42,7 @@ def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     B, N, _ = features.shape
     _, _, pos, valid = crop_layout(N, num_crops, features.device)
     x = features.float()[:, pos]                                          # [B, C, Mmax, D]
-    f = x / (x.norm(dim=-1, keepdim=True) + _NORM_EPS)
+    f = x / (x.norm(dim=-1, keepdim=True) + HOLOV_EPS)
     with true_fp32():
         s = f @ f.transpose(-1, -2)
     eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
@@ -63,7 +62,7 @@ def crop_scores(variance: torch.Tensor, attn: torch.Tensor, num_crops: int,
     v = variance[:, pos].masked_fill(~valid, 0.0)
     m = size.clamp(min=1)
     big_a = 1000.0 * a
-    gamma = (big_a.abs().sum(-1) / m) / (v.abs().sum(-1) / m + _NORM_EPS)
+    gamma = (big_a.abs().sum(-1) / m) / (v.abs().sum(-1) / m + HOLOV_EPS)
     score = (big_a + alpha * gamma[..., None] * v).masked_fill(~valid, 0.0).sum(-1) / m
     return torch.where(size > 1, score, a.sum(-1))
 
@@ -75,7 +74,7 @@ def _share(scores: torch.Tensor, budget: torch.Tensor, eligible: torch.Tensor) -
     all-zero scores) the +1s go round again."""
     C = scores.shape[1]
     w = torch.where(eligible, scores, 0.0)
-    w = w / (w.sum(-1, keepdim=True) + _NORM_EPS)
+    w = w / (w.sum(-1, keepdim=True) + HOLOV_EPS)
     q = torch.floor(w * budget[:, None]).clamp(min=0).long()
     rest = (budget - q.sum(-1)).clamp(min=0)
     order = torch.where(eligible, w, -torch.inf).sort(dim=-1, descending=True, stable=True).indices

@@ -1,0 +1,89 @@
+"""The ``torch.library`` side every compiled backend shares ("triton": ``torch.ops.visprune_triton``,
+"cpu" / "cuda": ``torch.ops.visprune``): the four ops' fake (meta) implementations, which let
+``torch.compile`` trace them as opaque ops, their autograd rule, and the functions that call them
+with the positional signatures of :mod:`visprune.reference`.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .common import PruneResult
+
+
+def _mi_scores_fake(visual, text, text_mask, metric):
+    return visual.new_empty(visual.shape[:2], dtype=torch.float32)
+
+
+def _greedy_select_fake(x, k, objective, metric, mask, start):
+    return x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
+def _gather_compact_fake(x, index, mask, sort):
+    # The mask form keeps as many rows as the mask has True entries: a data-dependent size.
+    kept = index.shape[1] if index is not None else torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((x.shape[0], kept, x.shape[2])),
+            x.new_empty((x.shape[0], kept), dtype=torch.long))
+
+
+def _prune_fake(visual, text, keep, stage1_keep, text_mask, mask, mi_metric, objective, metric):
+    B, _, D = visual.shape
+    return (visual.new_empty((B, keep, D)), visual.new_empty((B, keep), dtype=torch.long),
+            visual.new_empty((B,), dtype=torch.long))
+
+
+def _register_gather_grad(qualname: str, n_inputs: int) -> None:
+    """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
+    from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
+    differentiable w.r.t. ``x`` on every backend, as ``torch.gather`` makes it in the reference;
+    the selection itself is discrete and passes no gradient.  Every other input gets ``None``."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.x_shape = inputs[0].shape
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_tokens, *_):
+        if grad_tokens is None:
+            return (None,) * n_inputs
+        (index,) = ctx.saved_tensors
+        grad = grad_tokens.new_zeros(ctx.x_shape)
+        if grad_tokens.numel():
+            grad.scatter_add_(1, index[..., None].expand(-1, -1, ctx.x_shape[-1]), grad_tokens)
+        return (grad,) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+def register(ns: str) -> None:
+    """Fake implementations and the gather autograd for the four ops of namespace ``ns``."""
+    torch.library.register_fake(f"{ns}::mi_scores")(_mi_scores_fake)
+    torch.library.register_fake(f"{ns}::greedy_select")(_greedy_select_fake)
+    torch.library.register_fake(f"{ns}::gather_compact")(_gather_compact_fake)
+    torch.library.register_fake(f"{ns}::prune")(_prune_fake)
+    _register_gather_grad(f"{ns}::gather_compact", 4)
+    _register_gather_grad(f"{ns}::prune", 9)
+
+
+def positional(ns: str) -> SimpleNamespace:
+    """``mi_scores``, ``greedy_select``, ``gather_compact`` and ``prune`` calling ``torch.ops.<ns>``
+    with the reference's positional signatures (``start="auto"`` is -1 in the schemas; ``prune``
+    takes the stage-1 survivor count, :func:`visprune.common.stage1_count`)."""
+    ops = getattr(torch.ops, ns)
+
+    def mi_scores(visual, text, text_mask=None, metric="l2"):
+        return ops.mi_scores(visual, text, text_mask, metric)
+
+    def greedy_select(x, k, objective="maxmin", metric="cosine", mask=None, start="auto"):
+        return ops.greedy_select(x, k, objective, metric, mask, -1 if start == "auto" else start)
+
+    def gather_compact(x, index=None, mask=None, sort=True):
+        return ops.gather_compact(x, index, mask, sort)
+
+    def prune(visual, text, keep, stage1_keep, text_mask=None, mask=None, mi_metric="l2",
+              objective="maxsum", metric="cosine") -> PruneResult:
+        return PruneResult(*ops.prune(visual, text, keep, stage1_keep, text_mask, mask,
+                                      mi_metric, objective, metric))
+
+    return SimpleNamespace(mi_scores=mi_scores, greedy_select=greedy_select,
+                           gather_compact=gather_compact, prune=prune)
