@@ -80,15 +80,21 @@ def mi_scores(visual: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
 
 
 def pairwise_distance(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
-    """``float32[B, N, N]`` distances: ``1 - cos`` or squared L2, clamped to ``[0, inf]``."""
-    with true_fp32():
-        if metric == "cosine":
-            xn = _normalize(x)
-            d = 1.0 - xn @ xn.transpose(1, 2)
-        else:
-            xf = _fp32(x)
-            sq = (xf * xf).sum(-1)
-            d = sq[:, :, None] + sq[:, None, :] - 2.0 * xf @ xf.transpose(1, 2)
+    """``float32[B, N, N]`` distances: ``1 - cos`` or squared L2, clamped to ``[0, inf]``.
+
+    The Gram matrix is formed in float64 and rounded to float32: a float32 matrix product can
+    round a product differently by the tokens' row and column positions (BLAS tile edges), and
+    bitwise-identical tokens must get bitwise-identical distances so that exact ties go to the
+    lowest index.  Rounded from float64, they agree except in the ~1e-9 of cases where a float32
+    rounding boundary falls within float64 noise."""
+    y = _normalize(x) if metric == "cosine" else _fp32(x)
+    y64 = y.double()
+    gram = (y64 @ y64.transpose(1, 2)).float()
+    if metric == "cosine":
+        d = 1.0 - gram
+    else:
+        sq = (y * y).sum(-1)
+        d = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
     return torch.where(d > 0, d, torch.zeros_like(d))      # also maps NaN to 0
 
 
