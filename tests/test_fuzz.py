@@ -727,17 +727,23 @@ def prune_divergence(case, x, text, tm, mask, b, be, want, got):
                              traj["reference"], traj[be])
 
 
+def prune_on_every_backend(case):
+    """The case's inputs and ``prune`` on every backend that takes its shape."""
+    x = make_tokens(case["spec"])
+    text, tm = make_text(case)
+    mask = case["mask"]
+    out = run_all(lambda be: run_prune(case, x, text, tm, mask, be),
+                  backends_for(x.shape[1], x.shape[2]), x, text, tm, mask)
+    return x, text, tm, mask, out
+
+
 @fuzz(40)
 @given(case=cases(prune_cases))
 def test_prune_properties(case):
     """Any input: ascending unique in-range candidates, exact rows, lengths == keep, inputs
     untouched, batch rows as single rows, trimtokenator == prune."""
-    x = make_tokens(case["spec"])
-    text, tm = make_text(case)
-    mask = case["mask"]
-    B, N, D = x.shape
-    out = run_all(lambda be: run_prune(case, x, text, tm, mask, be), backends_for(N, D),
-                  x, text, tm, mask)
+    x, text, tm, mask, out = prune_on_every_backend(case)
+    B = x.shape[0]
     for be, res in out.items():
         check_prune_result(res, x, case["keep"], mask, f"prune[{be}]")
         tt = trimtokenator(x, text, case["keep"], stage1_keep=case["stage1"], text_mask=tm,
@@ -756,12 +762,8 @@ def test_prune_properties(case):
 def test_prune_backends_agree(case):
     """Finite inputs: every backend keeps the reference's tokens, up to rounding ties in the
     MI ranking or in the greedy stage (float64 recomputation)."""
-    x = make_tokens(case["spec"])
-    text, tm = make_text(case)
-    mask = case["mask"]
-    B, N, D = x.shape
-    out = run_all(lambda be: run_prune(case, x, text, tm, mask, be), backends_for(N, D),
-                  x, text, tm, mask)
+    x, text, tm, mask, out = prune_on_every_backend(case)
+    B = x.shape[0]
     if not (eligible_for_equality(x) and finite(text) and overflow_free(text)):
         return
     for be, res in out.items():
