@@ -3,6 +3,7 @@
     python benchmarks/e2e.py          # GPU if present (LLaVA-1.5-7B shapes, fp16), else tiny on CPU
     python benchmarks/e2e.py --device cpu --json e2e.json
     python benchmarks/e2e.py --batch 8 --new-tokens 64 --methods trimtokenator holov
+    python benchmarks/e2e.py --methods fastv fitprune       # the in-LLM methods
 
 On a GPU the model has LLaVA-1.5-7B's real architecture and sizes (CLIP ViT-L/14-336, 576 visual
 tokens per image, Vicuna-7B: 32 layers of width 4096) with random fp16 weights: the timings are
@@ -17,6 +18,11 @@ pruning, language model; ``logits_to_keep=1``), median of ``--reps``; ``generate
 ``tok/s`` is batch x new tokens / that time; ``prune`` is the time of the pruning method alone
 (the visprune call inside the prefill, timed in separate repetitions with the device synchronised
 around it), also as a share of the pruned prefill.  ``kept``: mean visual tokens kept per image.
+In-LLM methods: ``fastv`` keeps ``keep`` tokens per image before layer 2 (``--fastv-layer``);
+``fitprune`` runs the original's reduction-60 recipe for LLaVA-1.5-7B (on the tiny model its
+per-layer deletions are summed onto the tiny model's layers, layer ``l`` of 32 onto
+``l * layers // 32``); their ``kept`` is what the last layer sees and ``prune`` times the scoring
+(the ``received_attention`` calls and the selection) without the compaction.
 """
 from __future__ import annotations
 
@@ -38,6 +44,17 @@ import visprune
 IMAGE_TOKEN = 32000
 TEXT_TOKENS = 64            # prompt text around the image (the DESIGN's M)
 ADAPTIVE = {"prumerge": {}, "prumerge+": {"plus": True}}
+INLLM = ("fastv", "fitprune")
+
+
+def fitprune_recipe(layers: int) -> dict:
+    """The original's reduction-60 recipe (LLaVA-1.5-7B, 32 layers) on ``layers`` layers."""
+    from visprune.fitprune import RECIPES
+
+    recipe = {l: 0 for l in range(layers)}
+    for l, d in enumerate(RECIPES[60]):
+        recipe[l * layers // 32] += d
+    return recipe
 
 
 def build_model(device: torch.device, tiny: bool):
@@ -107,7 +124,8 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
 def prune_time(handle, prefill, device, reps: int) -> float:
     """Median seconds per prefill spent in the pruning method itself."""
     spent = []
-    call = handle._call
+    owner, attr = (handle.rule, "drop") if hasattr(handle, "rule") else (handle, "_call")
+    call = getattr(owner, attr)
 
     def timed_call(*args, **kwargs):
         _sync(device)
@@ -117,13 +135,13 @@ def prune_time(handle, prefill, device, reps: int) -> float:
         spent[-1] += time.perf_counter() - t0
         return out
 
-    handle._call = timed_call
+    setattr(owner, attr, timed_call)
     try:
         for _ in range(reps):
             spent.append(0.0)
             prefill()
     finally:
-        del handle._call
+        delattr(owner, attr)
     return statistics.median(spent)
 
 
@@ -136,7 +154,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--keeps", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--methods", nargs="+",
-                   default=["trimtokenator", "divprune", "holov", "prumerge", "prumerge+"])
+                   default=["trimtokenator", "divprune", "holov", "prumerge", "prumerge+",
+                            "fastv", "fitprune"])
+    p.add_argument("--fastv-layer", type=int, default=2)
     p.add_argument("--reps", type=int, default=10, help="prefill repetitions")
     p.add_argument("--gen-reps", type=int, default=3, help="generate repetitions")
     p.add_argument("--json", help="write one JSON object per row to this file")
@@ -165,6 +185,12 @@ def main(argv=None):
     for method in args.methods:
         if method in ADAPTIVE:
             cases.append(("prumerge", None, dict(ADAPTIVE[method], _label=method)))
+        elif method == "fitprune":
+            layers = model.config.text_config.num_hidden_layers
+            cases.append(("fitprune", None, dict(recipe=fitprune_recipe(layers),
+                                                 _label="fitprune r60")))
+        elif method == "fastv":
+            cases += [(method, keep, {"layer": args.fastv_layer}) for keep in args.keeps]
         else:
             cases += [(method, keep, {}) for keep in args.keeps]
 
@@ -180,6 +206,12 @@ def main(argv=None):
             t_gen = timed(generate, device, args.gen_reps)
             if handle is None:
                 kept, t_prune = inputs["input_ids"].eq(IMAGE_TOKEN).sum().item() / args.batch, 0.0
+            elif method in INLLM:
+                prefill()
+                positions = handle.positions
+                image = inputs["input_ids"].eq(IMAGE_TOKEN).gather(1, positions.clamp(min=0))
+                kept = (image & (positions >= 0)).sum().item() / args.batch
+                t_prune = prune_time(handle, prefill, device, args.reps)
             else:
                 with torch.no_grad():
                     pruned = handle.prune_inputs(**inputs)["mm_encoder_outputs"]["image"]

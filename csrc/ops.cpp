@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "visprune.h"
@@ -44,8 +45,8 @@ Objective parse_objective(c10::string_view name) {
                     std::string(name), "'");
 }
 
-void check_floating(const at::Tensor& t, const char* name, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == 3, name, " must have shape ", layout, ", got shape ", t.sizes());
+void check_floating(const at::Tensor& t, const char* name, const char* layout, int64_t ndim = 3) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have shape ", layout, ", got shape ", t.sizes());
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
                    " must have dtype float32, float16, bfloat16, got ", s);
@@ -106,6 +107,56 @@ void check_gather(const at::Tensor& x, const c10::optional<at::Tensor>& index,
                     idx.sizes());
   TORCH_CHECK_VALUE(idx.device() == x.device(), "index is on ", idx.device(), " but x is on ",
                     x.device());
+}
+
+Queries parse_queries(c10::string_view name, const c10::optional<at::Tensor>& query_mask) {
+  const bool mask = name == "mask";
+  TORCH_CHECK_VALUE(mask == query_mask.has_value(), "queries='", std::string(name), "' ",
+                    mask ? "needs" : "takes no", " query_mask");
+  if (mask) return Queries::kMask;
+  if (name == "after") return Queries::kAfter;
+  if (name == "span") return Queries::kSpan;
+  if (name == "last") return Queries::kLast;
+  TORCH_CHECK_VALUE(false, "queries must be one of ('after', 'span', 'last', 'mask'), got '",
+                    std::string(name), "'");
+}
+
+Heads parse_heads(c10::string_view name) {
+  if (name == "max") return Heads::kMax;
+  if (name == "mean") return Heads::kMean;
+  TORCH_CHECK_VALUE(false, "heads must be one of ('max', 'mean'), got '", std::string(name), "'");
+}
+
+// q[B, H, L, dh], k[B, Hkv, Lk, dh] of one floating dtype with H % Hkv == 0 and Lk >= L,
+// start int64[B], 0 <= length <= Lk, masks bool [B, L] / [B, Lk], scale > 0, one device.
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start,
+                     int64_t length, const c10::optional<at::Tensor>& query_mask,
+                     const c10::optional<at::Tensor>& key_mask, double scale) {
+  check_floating(q, "q", "[B, H, L, dh]", 4);
+  check_floating(k, "k", "[B, Hkv, Lk, dh]", 4);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k has dtype ", k.scalar_type(),
+                   " but q has ", q.scalar_type(), "; they must have the same dtype");
+  TORCH_CHECK_VALUE(k.device() == q.device(), "k is on ", k.device(), " but q is on ", q.device());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), dh = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == dh, "k must have shape [B, Hkv, Lk, dh] with B=",
+                    B, " and dh=", dh, " to match q, got ", k.sizes());
+  TORCH_CHECK_VALUE(dh >= 1, "q must have dh >= 1, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "k's head count Hkv=", Hkv,
+                    " must divide q's H=", H, " (H % Hkv == 0)");
+  TORCH_CHECK_VALUE(Lk >= L, "k must have at least as many positions as q (Lk >= L), got Lk=", Lk,
+                    ", L=", L);
+  TORCH_CHECK_TYPE(start.scalar_type() == at::kLong, "start must have dtype int64, got ",
+                   start.scalar_type());
+  TORCH_CHECK_VALUE(start.dim() == 1 && start.size(0) == B, "start must have shape [B] = [", B,
+                    "], got ", start.sizes());
+  TORCH_CHECK_VALUE(start.device() == q.device(), "start is on ", start.device(), " but q is on ",
+                    q.device());
+  TORCH_CHECK_VALUE(length >= 0 && length <= Lk, "length must be in [0, Lk=", Lk, "], got ", length);
+  if (query_mask.has_value()) check_mask(*query_mask, "query_mask", q, B, L, "[B, L]");
+  if (key_mask.has_value()) check_mask(*key_mask, "key_mask", q, B, Lk, "[B, Lk]");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive finite float, got ",
+                    scale);
 }
 
 // --------------------------------------------------------------------------- the ops
@@ -207,6 +258,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
   return {K.gather_rows(visual, chosen, /*checked=*/false), chosen, lengths};
 }
 
+at::Tensor received_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start,
+                              int64_t length, c10::string_view queries_name,
+                              const c10::optional<at::Tensor>& query_mask,
+                              c10::string_view heads_name,
+                              const c10::optional<at::Tensor>& key_mask, double scale,
+                              const Kernels& K) {
+  check_attention(q, k, start, length, query_mask, key_mask, scale);
+  const Queries queries = parse_queries(queries_name, query_mask);
+  const Heads heads = parse_heads(heads_name);
+  TORCH_CHECK_NOT_IMPLEMENTED(K.received_attention != nullptr,
+                              "received_attention has no kernel in visprune._C for ",
+                              q.device().type(), " tensors; use backend='triton' (the default "
+                              "for CUDA tensors) or backend='reference'");
+  const c10::DeviceGuard guard(q.device());
+  const int64_t B = q.size(0), L = q.size(2);
+  if (B == 0 || L == 0 || length == 0) return at::zeros({B, length}, q.options().dtype(at::kFloat));
+  const auto contiguous = [](const c10::optional<at::Tensor>& m) -> c10::optional<at::Tensor> {
+    if (!m.has_value()) return c10::nullopt;
+    return m->contiguous();
+  };
+  return K.received_attention(fp32_tokens(q), fp32_tokens(k), start.contiguous(), length, queries,
+                              contiguous(query_mask), heads, contiguous(key_mask), scale);
+}
+
 }  // namespace
 }  // namespace visprune
 
@@ -217,9 +292,11 @@ TORCH_LIBRARY(visprune, m) {
   m.def("gather_compact(Tensor x, Tensor? index, Tensor? mask, bool sort) -> (Tensor, Tensor)");
   m.def("prune(Tensor visual, Tensor text, int keep, int stage1_keep, Tensor? text_mask, "
         "Tensor? mask, str mi_metric, str objective, str metric) -> (Tensor, Tensor, Tensor)");
+  m.def("received_attention(Tensor q, Tensor k, Tensor start, int length, str queries, "
+        "Tensor? query_mask, str heads, Tensor? key_mask, float scale) -> Tensor");
 }
 
-// The four ops of one device: the composition above over that device's kernels.
+// The ops of one device: the composition above over that device's kernels.
 #define VISPRUNE_IMPL_OPS(m, device)                                                              \
   using OptTensor = c10::optional<at::Tensor>;                                                    \
   m.impl("mi_scores", [](const at::Tensor& visual, const at::Tensor& text,                        \
@@ -241,6 +318,14 @@ TORCH_LIBRARY(visprune, m) {
                      c10::string_view metric) {                                                   \
     return visprune::prune(visual, text, keep, stage1_keep, text_mask, mask, mi_metric,           \
                            objective, metric, visprune::device::kernels());                       \
+  });                                                                                             \
+  m.impl("received_attention", [](const at::Tensor& q, const at::Tensor& k,                       \
+                                  const at::Tensor& start, int64_t length,                        \
+                                  c10::string_view queries, const OptTensor& query_mask,          \
+                                  c10::string_view heads, const OptTensor& key_mask,              \
+                                  double scale) {                                                 \
+    return visprune::received_attention(q, k, start, length, queries, query_mask, heads,          \
+                                        key_mask, scale, visprune::device::kernels());            \
   })
 
 TORCH_LIBRARY_IMPL(visprune, CPU, m) { VISPRUNE_IMPL_OPS(m, cpu); }

@@ -22,6 +22,9 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps: a zero token has cosin
 
 enum class Metric { kCosine, kL2 };
 enum class Objective { kMaxMin, kMaxSum };
+// received_attention's query rows (kMask: an explicit bool [B, L]) and head reduction.
+enum class Queries { kAfter, kSpan, kLast, kMask };
+enum class Heads { kMax, kMean };
 
 // x as contiguous float32: the one fp32 copy of the tokens an op makes (none when x already is).
 // Contiguous before any reduction over D, so that bitwise-identical tokens get bitwise-identical
@@ -42,7 +45,7 @@ struct Count {
   const char* name;
 };
 
-// What each device supplies; ops.cpp composes the four ops from these, once for both devices.
+// What each device supplies; ops.cpp composes the ops from these, once for both devices.
 // Inputs are on the device, structurally checked; tensors given are contiguous where noted.
 struct Kernels {
   // float32[B, N] text alignment scores of V against T (prepared with `metric`).
@@ -58,6 +61,14 @@ struct Kernels {
   // `checked`: the indices come from the caller (CPU raises ValueError for one out of range or
   // repeated in its row; CUDA writes a zero row for one out of range).
   at::Tensor (*gather_rows)(const at::Tensor& x, const at::Tensor& index, bool checked);
+  // float32[B, length]: the attention the keys [start_b, start_b + length) receive from the query
+  // rows `queries` (visprune.reference.received_attention), for contiguous fp32 q[B, H, L, dh] and
+  // k[B, Hkv, Lk, dh], a contiguous int64 start[B] and contiguous bool masks; B, L, length > 0.
+  // Null where the device has no kernel for it (CUDA: the Triton backend serves CUDA tensors).
+  at::Tensor (*received_attention)(const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& start, int64_t length, Queries queries,
+                                   const c10::optional<at::Tensor>& query_mask, Heads heads,
+                                   const c10::optional<at::Tensor>& key_mask, double scale);
 };
 
 namespace cpu {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything to run on a CUDA machine, in one go: build the extension with its CUDA kernels, run
-# the whole test suite (the `gpu`-marked tests included), the op benchmarks and the end-to-end
-# benchmark.  Logs and results land in $RESULTS (default benchmarks/results/gpu-<date>), at most
-# 8 files.  Needs torch, triton, pytest and pytest-benchmark already installed (no downloads).
+# the whole test suite (the `gpu`-marked tests included), the op benchmarks, received_attention
+# against the eager map, and the end-to-end benchmark (pre-LLM and in-LLM methods).  Logs and
+# results land in $RESULTS (default benchmarks/results/gpu-<date>), at most 10 files.  Needs torch, triton, pytest and pytest-benchmark already installed (no downloads).
 #
 #   bash scripts/gpu_check.sh                 # everything
 #   QUICK=1 bash scripts/gpu_check.sh         # --quick benchmarks (a few minutes)
@@ -30,6 +30,10 @@ tail -n 3 "$RESULTS/tests.log"
 timeout 1800 "$PY" -m visprune.bench --device cuda $quick --json "$RESULTS/bench.json" \
   > "$RESULTS/bench.txt" 2>&1
 tail -n 40 "$RESULTS/bench.txt"
+
+timeout 600 "$PY" benchmarks/bench_attention.py --device cuda $quick \
+  --json "$RESULTS/attention.json" > "$RESULTS/attention.txt" 2>&1
+tail -n 8 "$RESULTS/attention.txt"
 
 timeout 1200 "$PY" benchmarks/e2e.py --json "$RESULTS/e2e.json" > "$RESULTS/e2e.txt" 2>&1
 tail -n 20 "$RESULTS/e2e.txt"

@@ -168,3 +168,19 @@ def test_bench_does_not_import_the_reference():
             else:
                 continue
             assert not any(n.split(".")[-1] == "reference" for n in names), f"{path.name}: {names}"
+
+
+def test_bench_attention_quick(tmp_path):
+    """benchmarks/bench_attention.py at LLaVA-1.5's shape: both sides run and agree."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "attention.json"
+    bench.main(["--device", "cpu", "--quick", "--lengths", "640", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["op_ms"] > 0 and row["eager_ms"] > 0 and row["op_runs"] == row["eager_runs"] == 3
+    assert row["max_abs_diff"] < 1e-4 * max(1.0, row["max_abs_value"])
+    assert row["eager_bytes_computed"] > 50 * row["op_bytes_computed"]

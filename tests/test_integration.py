@@ -455,8 +455,8 @@ def test_bad_arguments_at_enable(llava):
     _, text = _configs()
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         visprune.enable(transformers.LlamaForCausalLM(text), "divprune", 4)
-    with pytest.raises(ValueError, match="method must be one of"):
-        visprune.enable(llava, "fastv", 4)
+    with pytest.raises(ValueError, match="method must be one of .*'fastv', 'fitprune'"):
+        visprune.enable(llava, "sparsevlm", 4)
     with pytest.raises(ValueError, match="larger than image 0's 16"):
         visprune.enable(llava, "divprune", 17)
     with pytest.raises(ValueError, match="keep >= 1"):

@@ -314,7 +314,9 @@ def _each_op(visual, text, backend):
     return [lambda: ops.mi_scores(visual, text, backend=backend),
             lambda: ops.greedy_select(visual, 2, backend=backend),
             lambda: ops.gather_compact(visual, index, backend=backend),
-            lambda: ops.prune(visual, text, 2, backend=backend)]
+            lambda: ops.prune(visual, text, 2, backend=backend),
+            lambda: ops.received_attention(visual[:, None], visual[:, None], 1, 2,
+                                           backend=backend)]
 
 
 @pytest.mark.parametrize("name", ["numpy", "Triton", "", "opencl"])
@@ -370,7 +372,8 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for name in ("mi_scores", "greedy_select", "gather_compact", "prune"):
+        for name in ("mi_scores", "greedy_select", "gather_compact", "prune",
+                     "received_attention"):
             real = getattr(visprune.reference, name)
             monkeypatch.setattr(visprune.reference, name, self._wrap(name, real))
 
@@ -387,6 +390,7 @@ def test_visprune_backend_env_selects_reference(monkeypatch, visual, text):
     for call in _each_op(visual, text, None):
         call()
     assert spy.calls[:4] == ["mi_scores", "greedy_select", "gather_compact", "prune"]
+    assert spy.calls[-1] == "received_attention"
 
 
 @pytest.mark.parametrize("forced, exc, pattern", [

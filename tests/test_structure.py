@@ -52,7 +52,8 @@ def test_every_triton_entry_point_is_device_guarded():
     import importlib
     entry = {"mi_scores": ["mi_scores"], "greedy": ["greedy_select"],
              "gather": ["gather_compact"], "prune": ["prune"],
-             "holov": ["similarity_variance"], "prumerge": ["merge"]}
+             "holov": ["similarity_variance"], "prumerge": ["merge"],
+             "attention": ["received_attention"]}
     for mod, names in entry.items():
         m = importlib.import_module(f"visprune.triton_kernels.{mod}")
         for name in names:
@@ -139,6 +140,8 @@ def test_validate_false_calls_are_free_of_host_reads(path, monkeypatch):
     mask = torch.rand(2, 40, generator=torch.Generator().manual_seed(2)) > 0.3
     tm = torch.tensor([[True] * 5, [True, False, True, False, True]])
     idx = torch.stack([torch.randperm(40)[:6] for _ in range(2)])
+    q, k = _tokens(2, 24, 8).reshape(2, 2, 12, 8), _tokens(2, 14, 8, seed=3)[:, None]
+    km = torch.arange(14)[None] >= torch.tensor([[0], [3]])
     calls = {
         "mi_scores": lambda v: ops.mi_scores(x, t, text_mask=tm, backend="triton", validate=v),
         "greedy_select": lambda v: [ops.greedy_select(x, 5, objective=o, mask=mask, start=s,
@@ -147,6 +150,10 @@ def test_validate_false_calls_are_free_of_host_reads(path, monkeypatch):
         "gather_compact": lambda v: ops.gather_compact(x, idx, backend="triton", validate=v),
         "prune": lambda v: ops.prune(x, t, 4, stage1_keep=10, text_mask=tm, mask=mask,
                                      backend="triton", validate=v),
+        "received_attention": lambda v: [
+            ops.received_attention(q, k, torch.tensor([3, 5]), 6, queries=queries, key_mask=km,
+                                   backend="triton", validate=v)
+            for queries in ("after", "last", mask[:, :12])],
     }
     for name, call in calls.items():
         assert _host_reads(lambda: call(False), monkeypatch) == 0, name
@@ -154,6 +161,7 @@ def test_validate_false_calls_are_free_of_host_reads(path, monkeypatch):
     # check that the start is a candidate, in the same read).
     assert _host_reads(lambda: calls["prune"](True), monkeypatch) == 1
     assert _host_reads(lambda: calls["gather_compact"](True), monkeypatch) == 1
+    assert _host_reads(lambda: calls["received_attention"](True), monkeypatch) == 3
 
 
 def test_validate_must_be_a_bool():

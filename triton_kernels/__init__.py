@@ -1,12 +1,12 @@
 """Triton kernels of visprune (installed as ``visprune.triton_kernels``).
 
-The launchers live one family a file (``mi_scores``, ``greedy``, ``gather``, ``prune``, and the
-methods' ``holov`` and ``prumerge``); :mod:`.library` registers the four ops with
+The launchers live one family a file (``mi_scores``, ``greedy``, ``gather``, ``prune``,
+``attention``, and the methods' ``holov`` and ``prumerge``); :mod:`.library` registers the ops with
 ``torch.library`` as ``torch.ops.visprune_triton.*``, so ``torch.compile`` treats them as opaque
 ops, like the C++ ones.  The functions exported here call those ops with the positional
 signatures of :mod:`visprune.reference` and assume arguments checked by :mod:`visprune.ops`.
 Kernels accumulate in fp32; fp32 dot products are true fp32 (``input_precision="ieee"``).
 """
-from .library import gather_compact, greedy_select, mi_scores, prune
+from .library import gather_compact, greedy_select, mi_scores, prune, received_attention
 
-__all__ = ["mi_scores", "greedy_select", "gather_compact", "prune"]
+__all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "received_attention"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from visprune import oplib
 
-from . import gather, greedy, mi_scores as _mi, prune as _prune
+from . import attention, gather, greedy, mi_scores as _mi, prune as _prune
 
 _NS = "visprune_triton"
 
@@ -43,7 +43,15 @@ def _prune_op(visual: Tensor, text: Tensor, keep: int, stage1_keep: int,
                               objective, metric))
 
 
+@torch.library.custom_op(f"{_NS}::received_attention", mutates_args=())
+def _received_attention_op(q: Tensor, k: Tensor, start: Tensor, length: int, queries: str,
+                           query_mask: Optional[Tensor], heads: str, key_mask: Optional[Tensor],
+                           scale: float) -> Tensor:
+    return attention.received_attention(q, k, start, length, queries, query_mask, heads,
+                                        key_mask, scale)
+
+
 oplib.register(_NS)
 _ops = oplib.positional(_NS)
-mi_scores, greedy_select, gather_compact, prune = (
-    _ops.mi_scores, _ops.greedy_select, _ops.gather_compact, _ops.prune)
+mi_scores, greedy_select, gather_compact, prune, received_attention = (
+    _ops.mi_scores, _ops.greedy_select, _ops.gather_compact, _ops.prune, _ops.received_attention)

@@ -4,19 +4,24 @@ from .backends import available_backends
 from .common import PruneResult
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "available_backends", "PruneResult", "enable", "__version__"]
+__all__ = ["ops", "reference", "available_backends", "PruneResult", "enable", "fitprune", "__version__"]
 
 
 def __getattr__(name):
-    # The reference is the tests' oracle, imported by no production module: loaded on first use.
-    if name == "reference":
+    # The reference is the tests' oracle, imported by no production module; fitprune needs
+    # transformers for its calibration: both are loaded on first use.
+    if name in ("reference", "fitprune"):
         import importlib
-        return importlib.import_module(".reference", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'visprune' has no attribute {name!r}")
 
 
 def enable(model, method="trimtokenator", keep=None, **method_kwargs):
     """Prune a Hugging Face LLaVA model's visual tokens; returns a handle to ``disable()``.
+
+    Pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``) prune between the
+    projector and the language model; in-LLM methods (``fastv`` with ``keep`` and ``layer``,
+    ``fitprune`` with ``recipe``) between decoder layers.
 
     See :func:`visprune.integrations.transformers.enable`.  transformers is imported on the
     first call, not by ``import visprune`` (``pip install visprune[transformers]``).

@@ -44,3 +44,4 @@ if _C is not None:
     _ops = oplib.positional("visprune")
     mi_scores, greedy_select = _ops.mi_scores, _ops.greedy_select
     gather_compact, prune = _ops.gather_compact, _ops.prune
+    received_attention = _ops.received_attention

@@ -16,6 +16,7 @@ whose message names the argument, what was received and what was expected.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional, Sequence, Tuple
 
@@ -225,3 +226,66 @@ def gather_args(x, index, mask, sort, values: bool) -> None:
             raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {N})")
         if dup:
             raise ValueError("index has duplicate entries within a row")
+
+
+QUERY_MODES = ("after", "span", "last")
+
+
+def attention_args(q, k, start, length, queries, heads, key_mask, scale, values: bool):
+    """``received_attention``'s checks (``q`` already checked as ``[B, H, L, dh]``); returns
+    ``(start int64[B], length, queries, key_mask, scale)``, the start and the scale filled in.
+    The range of a start tensor is a value check, run when ``values``."""
+    B, H, L, dh = q.shape
+    tensor("k", k, 4, "[B, Hkv, Lk, dh]")
+    same_device("q", q, "k", k)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must have the same dtype")
+    _, Hkv, Lk, dk = k.shape
+    if k.shape[0] != B or dk != dh:
+        raise ValueError(f"k must have shape [B, Hkv, Lk, dh] with B={B} and dh={dh} to match q, "
+                         f"got {tuple(k.shape)}")
+    if dh == 0:
+        raise ValueError(f"q must have dh >= 1, got shape {tuple(q.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"k's head count Hkv={Hkv} must divide q's H={H} (H % Hkv == 0)")
+    if Lk < L:
+        raise ValueError(f"k must have at least as many positions as q (Lk >= L), got Lk={Lk}, "
+                         f"L={L}")
+    length = count("length", length)
+    if length > Lk:
+        raise ValueError(f"length={length} is larger than the key positions (Lk={Lk})")
+    if isinstance(start, torch.Tensor) and start.dim() > 0:
+        if start.dtype not in INDEX_DTYPES:
+            raise TypeError(f"start must be an int or an integer tensor of shape [B], got dtype "
+                            f"{start.dtype}")
+        if tuple(start.shape) != (B,):
+            raise ValueError(f"start must be an int or a tensor of shape [B] = ({B},), got shape "
+                             f"{tuple(start.shape)}")
+        same_device("q", q, "start", start)
+        start = start.long()
+        if values and B > 0:
+            lo, hi = read(start.min(), start.max())
+            if lo < 0 or hi + length > Lk:
+                raise ValueError(f"start has values in [{lo}, {hi}]; with length={length} the "
+                                 f"span needs 0 <= start and start + length <= Lk={Lk}")
+    else:
+        value = integer("start", start)
+        if not (0 <= value and value + length <= Lk):
+            raise ValueError(f"start={value} with length={length} is out of range: the span "
+                             f"needs 0 <= start and start + length <= Lk={Lk}")
+        start = torch.full((B,), value, dtype=torch.long, device=q.device)
+    if isinstance(queries, torch.Tensor):
+        bool_mask("queries", queries, "q", q, (B, L), "[B, L]")
+    elif not isinstance(queries, str) or queries not in QUERY_MODES:
+        raise ValueError(f"queries must be one of {QUERY_MODES} or a bool tensor of shape "
+                         f"[B, L] = {(B, L)}, got {queries!r}")
+    choice("heads", heads, ("max", "mean"))
+    key_mask = bool_mask("key_mask", key_mask, "q", q, (B, Lk), "[B, Lk]")
+    if scale is None:
+        scale = dh ** -0.5
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return start, length, queries, key_mask, float(scale)

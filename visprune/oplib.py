@@ -1,7 +1,7 @@
 """The ``torch.library`` side every compiled backend shares ("triton": ``torch.ops.visprune_triton``,
-"cpu" / "cuda": ``torch.ops.visprune``): the four ops' fake (meta) implementations, which let
-``torch.compile`` trace them as opaque ops, their autograd rule, and the functions that call them
-with the positional signatures of :mod:`visprune.reference`.
+"cpu" / "cuda": ``torch.ops.visprune``): the ops' fake (meta) implementations, which let
+``torch.compile`` trace them as opaque ops, the gather's autograd rule, and the functions that
+call them with the positional signatures of :mod:`visprune.reference`.
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def _prune_fake(visual, text, keep, stage1_keep, text_mask, mask, mi_metric, obj
             visual.new_empty((B,), dtype=torch.long))
 
 
+def _received_attention_fake(q, k, start, length, queries, query_mask, heads, key_mask, scale):
+    return q.new_empty((q.shape[0], length), dtype=torch.float32)
+
+
 def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
     from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
@@ -56,19 +60,22 @@ def _register_gather_grad(qualname: str, n_inputs: int) -> None:
 
 
 def register(ns: str) -> None:
-    """Fake implementations and the gather autograd for the four ops of namespace ``ns``."""
+    """Fake implementations of the ops of namespace ``ns`` and the gather autograd."""
     torch.library.register_fake(f"{ns}::mi_scores")(_mi_scores_fake)
     torch.library.register_fake(f"{ns}::greedy_select")(_greedy_select_fake)
     torch.library.register_fake(f"{ns}::gather_compact")(_gather_compact_fake)
     torch.library.register_fake(f"{ns}::prune")(_prune_fake)
+    torch.library.register_fake(f"{ns}::received_attention")(_received_attention_fake)
     _register_gather_grad(f"{ns}::gather_compact", 4)
     _register_gather_grad(f"{ns}::prune", 9)
 
 
 def positional(ns: str) -> SimpleNamespace:
-    """``mi_scores``, ``greedy_select``, ``gather_compact`` and ``prune`` calling ``torch.ops.<ns>``
-    with the reference's positional signatures (``start="auto"`` is -1 in the schemas; ``prune``
-    takes the stage-1 survivor count, :func:`visprune.common.stage1_count`)."""
+    """``mi_scores``, ``greedy_select``, ``gather_compact``, ``prune`` and ``received_attention``
+    calling ``torch.ops.<ns>`` with the reference's positional signatures (``start="auto"`` is -1
+    in the schemas; ``prune`` takes the stage-1 survivor count,
+    :func:`visprune.common.stage1_count`; ``received_attention`` takes ``start`` as an int64
+    tensor ``[B]``, and its query-row mask as ``queries="mask"`` plus the mask)."""
     ops = getattr(torch.ops, ns)
 
     def mi_scores(visual, text, text_mask=None, metric="l2"):
@@ -85,5 +92,13 @@ def positional(ns: str) -> SimpleNamespace:
         return PruneResult(*ops.prune(visual, text, keep, stage1_keep, text_mask, mask,
                                       mi_metric, objective, metric))
 
+    def received_attention(q, k, start, length, queries="after", heads="max", key_mask=None,
+                           scale=None):
+        rows = queries if isinstance(queries, torch.Tensor) else None
+        return ops.received_attention(q, k, start, length, "mask" if rows is not None else queries,
+                                      rows, heads, key_mask,
+                                      q.shape[-1] ** -0.5 if scale is None else scale)
+
     return SimpleNamespace(mi_scores=mi_scores, greedy_select=greedy_select,
-                           gather_compact=gather_compact, prune=prune)
+                           gather_compact=gather_compact, prune=prune,
+                           received_attention=received_attention)

@@ -8,7 +8,7 @@ the same indices; see :mod:`visprune.reference` for the exact math.
 Every op checks its arguments before any work (:mod:`visprune.checks`).  The checks that read
 tensor values (mask counts, index ranges) cost one host-device sync per call; ``validate=False``
 skips them, so that ``mi_scores`` / ``greedy_select`` / ``prune`` / the index form of
-``gather_compact`` run without a sync (CUDA-graph capture, indices visprune itself produced).
+``gather_compact`` / ``received_attention`` run without a sync (CUDA-graph capture, indices visprune itself produced).
 They are also skipped while ``torch.compile`` traces an op of the "triton", "cpu" or "cuda"
 backend (opaque ops whose values the trace cannot read).  Without them the kernels stay
 memory-safe, but invalid values give unspecified results instead of an error (the CPU kernels
@@ -25,7 +25,8 @@ from . import checks
 from .backends import checked_name, module
 from .common import PruneResult, stage1_count
 
-__all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "PruneResult"]
+__all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "received_attention",
+           "PruneResult"]
 
 def _values(validate: bool, backend: str) -> bool:
     """Whether to run the checks that read tensor values (see the module docstring).  While
@@ -133,3 +134,39 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, *,
         checks.candidates(mask, n1, -1, what=what,
                           extra=[text_check] if text_check is not None else [])
     return module(name).prune(visual, text, keep, n1, text_mask, mask, mi_metric, objective, metric)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, start: Union[int, torch.Tensor],
+                       length: int, *, queries: Union[str, torch.Tensor] = "after",
+                       heads: str = "max", key_mask: Optional[torch.Tensor] = None,
+                       scale: Optional[float] = None, backend: Optional[str] = None,
+                       validate: bool = True) -> torch.Tensor:
+    """Attention received by the ``length`` tokens at ``[start_b, start_b + length)``:
+    ``float32[B, length]`` (FastV, FitPrune), without forming the ``[B, H, L, Lk]`` map.
+
+    Args:
+        q: ``[B, H, L, dh]`` post-RoPE queries: the last ``L`` of the ``Lk`` key positions.
+        k: ``[B, Hkv, Lk, dh]`` post-RoPE keys, ``H % Hkv == 0`` (head ``h`` reads kv head
+            ``h // (H / Hkv)``), ``Lk >= L``, same dtype as ``q``.
+        start: int or integer tensor ``[B]``: the span's first key position per row.
+        length: span length (``0 <= start_b``, ``start_b + length <= Lk``).
+        queries: the query rows summed over: ``"after"`` (valid rows at or after the span's
+            end), ``"span"`` (valid rows inside it), ``"last"`` (the last valid row), or a bool
+            ``[B, L]`` mask used as given.  A row is valid where ``key_mask`` is True at its
+            own position.
+        heads: ``"max"`` or ``"mean"`` over heads, per query row, before the sum over rows.
+        key_mask: optional ``bool[B, Lk]``, False = padding (never attended to).
+        scale: the softmax's score scale, default ``dh ** -0.5``.
+        backend: see the module docstring; the CUDA extension has no kernel for this op (CUDA
+            tensors use "triton").
+        validate: check the range of a start tensor (one sync); see the module docstring.
+    """
+    checks.tensor("q", q, 4, "[B, H, L, dh]")
+    name = checked_name(backend, q.device)
+    start, length, queries, key_mask, scale = checks.attention_args(
+        q, k, start, length, queries, heads, key_mask, scale, _values(validate, name))
+    if name == "cuda":
+        raise NotImplementedError("received_attention has no kernel in the CUDA extension "
+                                  "(visprune._C); use backend='triton' (the default for CUDA "
+                                  "tensors) or 'reference'")
+    return module(name).received_attention(q, k, start, length, queries, heads, key_mask, scale)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .common import EPS, PruneResult, descending_order, stage1_count, topk_mask, true_fp32
 
 __all__ = ["mi_scores", "pairwise_distance", "greedy_select", "gather_compact", "prune",
-           "PruneResult", "stage1_count", "descending_order", "topk_mask"]
+           "received_attention", "PruneResult", "stage1_count", "descending_order", "topk_mask"]
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -171,3 +171,51 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Unio
     tokens, indices = gather_compact(visual, chosen, sort=True)
     lengths = torch.full((B,), keep, dtype=torch.long, device=visual.device)
     return PruneResult(tokens, indices, lengths)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, start: Union[int, torch.Tensor],
+                       length: int, queries: Union[str, torch.Tensor] = "after",
+                       heads: str = "max", key_mask: Optional[torch.Tensor] = None,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """Attention received by the ``length`` keys at ``[start_b, start_b + length)``,
+    ``float32[B, length]``, from the query rows ``queries`` (FastV, FitPrune).
+
+    ``q[B, H, L, dh]`` are the last ``L`` of the ``Lk`` positions of ``k[B, Hkv, Lk, dh]`` (head
+    ``h`` reads kv head ``h // (H / Hkv)``).  ``P_h = softmax(scale · q_h k_h^T)`` over the keys at
+    or before each query's position with ``key_mask`` True; ``out[b, t] = Σ_{i ∈ Q_b} R_h
+    P_h[i, start_b + t]`` with ``R`` the max or mean over heads.  Formed as the full
+    ``[B, H, L, Lk]`` map, in float64.
+    """
+    B, H, L, dh = q.shape
+    Lk = k.shape[2]
+    dev = q.device
+    scale = dh ** -0.5 if scale is None else scale
+    start = torch.as_tensor(start, dtype=torch.long, device=dev).expand(B)
+    kd = k.double().repeat_interleave(H // k.shape[1], dim=1)         # repeat_kv
+    scores = scale * (q.double() @ kd.transpose(-1, -2))                # [B, H, L, Lk]
+
+    pos = torch.arange(L, device=dev) + (Lk - L)                        # each query's key position
+    allowed = (torch.arange(Lk, device=dev)[None, :] <= pos[:, None])[None]      # [1, L, Lk]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    prob = scores.masked_fill(~allowed[:, None], -math.inf).softmax(-1)
+    prob = torch.where(allowed[:, None], prob, 0.0)                     # a row with no key: 0
+    per_row = prob.amax(1) if heads == "max" else prob.mean(1)          # [B, L, Lk]
+
+    valid = torch.ones(B, L, dtype=torch.bool, device=dev) if key_mask is None \
+        else key_mask[:, Lk - L:]
+    end = (start + length)[:, None]
+    if isinstance(queries, torch.Tensor):
+        rows = queries
+    elif queries == "after":
+        rows = valid & (pos[None] >= end)
+    elif queries == "span":
+        rows = valid & (pos[None] >= start[:, None]) & (pos[None] < end)
+    else:                                                               # "last" valid row
+        last = torch.where(valid, torch.arange(L, device=dev), -1).amax(1, keepdim=True) \
+            if L else torch.full((B, 1), -1, device=dev)
+        rows = torch.arange(L, device=dev)[None] == last
+
+    cols = (start[:, None] + torch.arange(length, device=dev))[:, None, :].expand(B, L, length)
+    received = torch.where(rows[..., None], per_row.gather(2, cols), 0.0)
+    return received.sum(1).float()

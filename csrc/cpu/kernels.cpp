@@ -1,5 +1,5 @@
-// CPU kernels of visprune: mi_scores, greedy selection and the row gather, which ops.cpp composes
-// into the four ops (struct Kernels).
+// CPU kernels of visprune: mi_scores, greedy selection, the row gather (which ops.cpp composes
+// into the four selection ops) and received_attention (struct Kernels).
 //
 // Same results as visprune/reference.py with less work:
 // * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
@@ -616,6 +616,259 @@ const bool* mask_ptr(const c10::optional<at::Tensor>& mask, at::Tensor& holder) 
   return holder.data_ptr<bool>();
 }
 
+// --------------------------------------------------------------------------- received attention
+// Two passes, as the Triton kernels, in base 2 (s = q·k · scale · log2 e, P = 2^(s - lse)):
+// 1. per (b, h), the log-sum-exp of every selected query row over its allowed keys, online over
+//    blocks of 16 keys (running max and normaliser), chunks of kAttnChunk rows sharing each
+//    packed block of keys; +inf for a row with no allowed key (its probabilities are then 0);
+// 2. per (b, block of 16 span columns), for each tile of selected rows, P against those columns
+//    only, reduced over heads (max or sum), then summed over the rows in row order.
+// Scores come from gram_tile (6 query rows × 16 keys); nothing of size L × Lk is formed: the
+// extra memory is the [B, H, L] row statistics, the selected rows and per-task key panels.
+constexpr int kAttnChunk = 16 * kGramR;  // query rows per pass-1 chunk (16 Gram tiles)
+
+// The 16 keys k[j0 .. j0+16) of one kv head transposed into panel[dh][16] (zeros past Lk), and
+// bias[t] = 0 for a key that may be attended to, -inf for padding or one past Lk.
+void pack_keys(const float* k, int64_t Lk, int64_t dh, int64_t j0, const bool* key_mask,
+               float* panel, float* bias) {
+  for (int t = 0; t < kGramC; ++t) {
+    const int64_t j = j0 + t;
+    const bool in = j >= 0 && j < Lk;
+    bias[t] = in && (key_mask == nullptr || key_mask[j]) ? 0.0f : -kInf;
+    for (int64_t d = 0; d < dh; ++d) panel[d * kGramC + t] = in ? k[j * dh + d] : 0.0f;
+  }
+}
+
+// One row's 16 scores s[t] = dots[t] · c + bias[t], keys t > last excluded: the online update of
+// its running max m and normaliser l (l scaled to 2^m).
+void lse_update_portable(const float* dots, const float* bias, float c, int last, float& m,
+                         float& l) {
+  float s[kGramC];
+  float top = m;
+  for (int t = 0; t < kGramC; ++t) {
+    s[t] = t <= last ? dots[t] * c + bias[t] : -kInf;
+    top = std::max(top, s[t]);
+  }
+  const float ref = top == -kInf ? 0.0f : top;  // no allowed key yet: every term is 2^-inf = 0
+  float sum = 0.0f;
+  for (int t = 0; t < kGramC; ++t) sum += std::exp2(s[t] - ref);
+  l = l * std::exp2(m - ref) + sum;
+  m = top;
+}
+
+// p[t] = 2^(dots[t] · c - lse) for the allowed keys t <= last (bias 0), 0 for the others.
+void probs_portable(const float* dots, const float* bias, float c, float lse, int last, float* p) {
+  for (int t = 0; t < kGramC; ++t)
+    p[t] = t <= last && bias[t] == 0.0f ? std::exp2(dots[t] * c - lse) : 0.0f;
+}
+
+#ifdef VISPRUNE_X86
+// 2^x on 8 lanes for x below 128 (-inf included): Cephes' exp2f polynomial on the fraction in
+// [-0.5, 0.5] (relative error ~2e-7), and 0 below 2^-126 (such a probability adds nothing).
+__attribute__((target("avx2,fma"))) inline __m256 exp2_avx2(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-126.0f);
+  const __m256 tiny = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// The scores s = dots · c + bias of 16 keys in two registers, keys t > last set to -inf.
+__attribute__((target("avx2,fma"))) inline void scores_avx2(const float* dots, const float* bias,
+                                                            float c, int last, __m256* s) {
+  const __m256 vc = _mm256_set1_ps(c), vlast = _mm256_set1_ps(static_cast<float>(last));
+  const __m256 ninf = _mm256_set1_ps(-kInf);
+  for (int h = 0; h < 2; ++h) {
+    const __m256 t = _mm256_setr_ps(8 * h + 0, 8 * h + 1, 8 * h + 2, 8 * h + 3, 8 * h + 4,
+                                    8 * h + 5, 8 * h + 6, 8 * h + 7);
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(dots + 8 * h), vc, _mm256_loadu_ps(bias + 8 * h));
+    s[h] = _mm256_blendv_ps(v, ninf, _mm256_cmp_ps(t, vlast, _CMP_GT_OQ));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void lse_update_avx2(const float* dots, const float* bias,
+                                                         float c, int last, float& m, float& l) {
+  __m256 s[2];
+  scores_avx2(dots, bias, c, last, s);
+  __m256 v = _mm256_max_ps(s[0], s[1]);
+  __m128 w = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  w = _mm_max_ps(w, _mm_movehl_ps(w, w));
+  w = _mm_max_ss(w, _mm_shuffle_ps(w, w, 1));
+  const float top = std::max(m, _mm_cvtss_f32(w));
+  const float ref = top == -kInf ? 0.0f : top;
+  const __m256 vref = _mm256_set1_ps(ref);
+  const float sum = lane_sum_avx2(_mm256_add_ps(exp2_avx2(_mm256_sub_ps(s[0], vref)),
+                                            exp2_avx2(_mm256_sub_ps(s[1], vref))));
+  l = l * std::exp2(m - ref) + sum;
+  m = top;
+}
+
+__attribute__((target("avx2,fma"))) void probs_avx2(const float* dots, const float* bias, float c,
+                                                    float lse, int last, float* p) {
+  __m256 s[2];
+  scores_avx2(dots, bias, c, last, s);
+  const __m256 vlse = _mm256_set1_ps(lse);
+  for (int h = 0; h < 2; ++h) _mm256_storeu_ps(p + 8 * h, exp2_avx2(_mm256_sub_ps(s[h], vlse)));
+}
+#endif
+
+inline void lse_update(const float* dots, const float* bias, float c, int last, float& m, float& l) {
+#ifdef VISPRUNE_X86
+  if (use_avx2()) return lse_update_avx2(dots, bias, c, last, m, l);
+#endif
+  lse_update_portable(dots, bias, c, last, m, l);
+}
+
+inline void probs(const float* dots, const float* bias, float c, float lse, int last, float* p) {
+#ifdef VISPRUNE_X86
+  if (use_avx2()) return probs_avx2(dots, bias, c, lse, last, p);
+#endif
+  probs_portable(dots, bias, c, lse, last, p);
+}
+
+// The selected query rows of each batch row, ascending.  A row is valid when key_mask is True at
+// its own key position; "after" / "span": the valid rows at / inside the span; "last": the last
+// valid row; a mask: its True rows as given.  Raises for a span outside [0, Lk) (unvalidated).
+std::vector<std::vector<int64_t>> selected_rows(const int64_t* start, int64_t B, int64_t L,
+                                                int64_t Lk, int64_t length, Queries queries,
+                                                const bool* qmask, const bool* kmask) {
+  const int64_t off = Lk - L;
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = start[b];
+    TORCH_CHECK_VALUE(s >= 0 && s + length <= Lk, "start has value ", s, " in row ", b,
+                      "; with length=", length, " the span needs 0 <= start and start + length <= Lk=",
+                      Lk);
+    auto& r = rows[static_cast<size_t>(b)];
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t pos = i + off;
+      const bool valid = kmask == nullptr || kmask[b * Lk + pos];
+      bool take = false;
+      switch (queries) {
+        case Queries::kAfter: take = valid && pos >= s + length; break;
+        case Queries::kSpan: take = valid && pos >= s && pos < s + length; break;
+        case Queries::kLast: take = valid; break;
+        case Queries::kMask: take = qmask[b * L + i]; break;
+      }
+      if (take) r.push_back(i);
+    }
+    if (queries == Queries::kLast && r.size() > 1) r.erase(r.begin(), r.end() - 1);
+  }
+  return rows;
+}
+
+// Up to kGramR query rows rows[0..n) of one head as gram_tile's row pointers (the last repeated).
+inline void tile_rows(const float* Q, int64_t dh, const int64_t* rows, int n, const float** a) {
+  for (int r = 0; r < kGramR; ++r) a[r] = Q + rows[std::min(r, n - 1)] * dh;
+}
+
+at::Tensor received_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& start,
+                              int64_t length, Queries queries,
+                              const c10::optional<at::Tensor>& query_mask, Heads heads,
+                              const c10::optional<at::Tensor>& key_mask, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), dh = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), G = H / Hkv, off = Lk - L;
+  const float* qd = q.data_ptr<float>();
+  const float* kd = k.data_ptr<float>();
+  const bool* qmask = query_mask.has_value() ? query_mask->data_ptr<bool>() : nullptr;
+  const bool* kmask = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
+  const auto rows = selected_rows(start.data_ptr<int64_t>(), B, L, Lk, length, queries, qmask, kmask);
+  const float c = static_cast<float>(scale * 1.4426950408889634);  // scale · log2(e)
+
+  // Pass 1: lse[b, h, i] of the selected rows (the others are never read).
+  at::Tensor lse_t = at::empty({B, H, L}, q.options());
+  float* lse = lse_t.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel(static_cast<size_t>(dh * kGramC)), m(kAttnChunk), l(kAttnChunk);
+    float bias[kGramC], dots[kGramR * kGramC];
+    const float* a[kGramR];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const auto& sel = rows[static_cast<size_t>(b)];
+      const int64_t n = static_cast<int64_t>(sel.size());
+      const float* Q = qd + task * L * dh;
+      const float* K = kd + (b * Hkv + h / G) * Lk * dh;
+      const bool* km = kmask ? kmask + b * Lk : nullptr;
+      for (int64_t c0 = 0; c0 < n; c0 += kAttnChunk) {
+        const int64_t c1 = std::min(n, c0 + kAttnChunk);
+        std::fill(m.begin(), m.end(), -kInf);
+        std::fill(l.begin(), l.end(), 0.0f);
+        for (int64_t j0 = 0; j0 <= sel[c1 - 1] + off; j0 += kGramC) {
+          pack_keys(K, Lk, dh, j0, km, panel.data(), bias);
+          for (int64_t r0 = c0; r0 < c1; r0 += kGramR) {
+            const int nr = static_cast<int>(std::min<int64_t>(kGramR, c1 - r0));
+            if (sel[r0 + nr - 1] + off < j0) continue;  // the tile's rows precede these keys
+            tile_rows(Q, dh, sel.data() + r0, nr, a);
+            gram_tile(a, panel.data(), dh, dots);
+            for (int r = 0; r < nr; ++r) {
+              const int64_t last = sel[r0 + r] + off - j0;
+              if (last >= 0)
+                lse_update(dots + r * kGramC, bias, c, static_cast<int>(std::min<int64_t>(last, kGramC - 1)),
+                           m[r0 - c0 + r], l[r0 - c0 + r]);
+            }
+          }
+        }
+        for (int64_t r = c0; r < c1; ++r)
+          lse[task * L + sel[r]] = m[r - c0] == -kInf ? kInf : m[r - c0] + std::log2(l[r - c0]);
+      }
+    }
+  });
+
+  // Pass 2: out[b, t] for blocks of 16 span columns; each column is one task's, its rows summed
+  // in ascending order.
+  at::Tensor out_t = at::empty({B, length}, q.options());
+  float* out = out_t.data_ptr<float>();
+  const int64_t col_blocks = (length + kGramC - 1) / kGramC;
+  const int64_t* st = start.data_ptr<int64_t>();
+  at::parallel_for(0, B * col_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> panels(static_cast<size_t>(Hkv * dh * kGramC));
+    float bias[kGramC], dots[kGramR * kGramC], p[kGramC], red[kGramR][kGramC], acc[kGramC];
+    const float* a[kGramR];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / col_blocks, t_first = (task % col_blocks) * kGramC;
+      const int64_t j0 = st[b] + t_first;  // the block's first column (key position)
+      const int nt = static_cast<int>(std::min<int64_t>(kGramC, length - t_first));
+      for (int64_t g = 0; g < Hkv; ++g)
+        pack_keys(kd + (b * Hkv + g) * Lk * dh, std::min(Lk, j0 + nt), dh, j0,
+                  kmask ? kmask + b * Lk : nullptr, panels.data() + g * dh * kGramC, bias);
+      std::fill(acc, acc + kGramC, 0.0f);
+      const auto& sel = rows[static_cast<size_t>(b)];
+      // Rows before the first column see none of the block (causal).
+      const auto first = std::lower_bound(sel.begin(), sel.end(), j0 - off);
+      for (int64_t r0 = first - sel.begin(); r0 < static_cast<int64_t>(sel.size()); r0 += kGramR) {
+        const int nr = static_cast<int>(std::min<int64_t>(kGramR, sel.size() - r0));
+        std::memset(red, 0, sizeof(red));
+        for (int64_t h = 0; h < H; ++h) {
+          tile_rows(qd + (b * H + h) * L * dh, dh, sel.data() + r0, nr, a);
+          gram_tile(a, panels.data() + (h / G) * dh * kGramC, dh, dots);
+          for (int r = 0; r < nr; ++r) {
+            const int64_t i = sel[r0 + r];
+            const int last = static_cast<int>(std::min<int64_t>(i + off - j0, kGramC - 1));
+            probs(dots + r * kGramC, bias, c, lse[(b * H + h) * L + i], last, p);
+            for (int t = 0; t < kGramC; ++t)
+              red[r][t] = heads == Heads::kMax ? std::max(red[r][t], p[t]) : red[r][t] + p[t];
+          }
+        }
+        for (int r = 0; r < nr; ++r)
+          for (int t = 0; t < kGramC; ++t) acc[t] += red[r][t];
+      }
+      for (int t = 0; t < nt; ++t)
+        out[b * length + t_first + t] = heads == Heads::kMean ? acc[t] / static_cast<float>(H) : acc[t];
+    }
+  });
+  return out_t;
+}
+
 // --------------------------------------------------------------------------- kernels
 at::Tensor mi_scores(const Prepared& V, const Prepared& T,
                      const c10::optional<at::Tensor>& text_mask, Metric metric) {
@@ -648,7 +901,7 @@ at::Tensor greedy(const Prepared& P, int64_t k, Objective objective, Metric metr
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{&mi_scores, &greedy, &gather_rows};
+  static const Kernels k{&mi_scores, &greedy, &gather_rows, &received_attention};
   return k;
 }
 

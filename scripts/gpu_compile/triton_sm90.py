@@ -55,6 +55,12 @@ SHAPES = [("llava-1.5", 576, 4096, 64, 64),
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CLIP_DIM = 1024                     # PruMerge's keys and features: the vision tower's width
 HOLOV_CROPS = (16, 24, 64)          # the default, and crops of 24 and 9 tokens at N = 576
+# received_attention: name, H, Hkv, L (= Lk), dh, span start, span length.  LLaVA-1.5's prompt
+# (32 heads of 128, the image at 35..611), a long GQA prompt (28 query heads over 4 kv heads of
+# 128, as Qwen2.5-7B) and heads of 64.
+ATTENTION_SHAPES = [("llava-1.5", 32, 32, 640, 128, 35, 576),
+                    ("long-gqa", 28, 4, 8192, 128, 35, 576),
+                    ("dh64", 16, 16, 2048, 64, 35, 576)]
 PTXAS_ENTRY = re.compile(
     r"Compiling entry function '(?P<name>[^']+)'.*?"
     r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads"
@@ -198,6 +204,7 @@ def calls():
     similarity_variance = _launcher("holov", "similarity_variance")
     merge = _launcher("prumerge", "merge")
     gram_max_n = getattr(greedy, "GRAM_MAX_N", 4096)
+    received_attention = _launcher("attention", "received_attention")
 
     for (shape, N, D, M, keep), dtype in itertools.product(SHAPES, DTYPES):
         dt = str(dtype).replace("torch.", "")
@@ -246,6 +253,20 @@ def calls():
         kept = torch.cat([index, torch.full((1, 1), -1)], 1)      # with one padding row
         out = feats.new_zeros(1, kept.shape[1] + 1, CLIP_DIM)[:, :kept.shape[1]]
         yield (f"prumerge.merge {tag}", lambda: merge(keys, feats, attn, kept, out, neighbours=32))
+
+    for (shape, H, Hkv, L, dh, start, length), dtype in itertools.product(ATTENTION_SHAPES, DTYPES):
+        q = torch.empty(1, H, L, dh, dtype=dtype)
+        k = torch.empty(1, Hkv, L, dh, dtype=dtype)
+        first = torch.full((1,), start, dtype=torch.long)
+        key_mask = torch.arange(L)[None] >= 3                  # left padding
+        rows = torch.arange(L)[None] >= start + length
+        tag = f"{shape} {str(dtype).replace('torch.', '')}"
+        for (queries, qm), heads, km in itertools.product(
+                (("after", None), ("mask", rows)), ("max", "mean"), (None, key_mask)):
+            yield (f"received_attention {tag} queries={queries} heads={heads} "
+                   f"key_mask={km is not None}",
+                   lambda qm=qm, queries=queries, heads=heads, km=km:
+                   received_attention(q, k, first, length, queries, qm, heads, km, dh ** -0.5))
 
 
 def main():

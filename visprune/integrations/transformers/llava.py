@@ -46,11 +46,11 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .. import checks, methods
-from ..backends import checked_name
-from ..common import stage1_count
+from ... import checks, methods
+from ...backends import checked_name
+from ...common import stage1_count
 
-__all__ = ["enable", "PruningHandle", "METHODS"]
+__all__ = ["PruningHandle", "METHODS", "image_token_counts"]
 
 METHODS = ("trimtokenator", "divprune", "prumerge", "holov")
 _NEEDS_CLS = ("prumerge", "holov")
@@ -62,24 +62,6 @@ _PROMPT_ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "
 _SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 _ENABLED: "weakref.WeakKeyDictionary[torch.nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 _MISSING = object()
-
-
-def enable(model: torch.nn.Module, method: str = "trimtokenator", keep: Optional[int] = None,
-           **method_kwargs) -> "PruningHandle":
-    """Prune ``model``'s visual tokens with ``method`` until the returned handle is disabled.
-
-    Args:
-        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
-        method: ``"trimtokenator"``, ``"divprune"``, ``"holov"`` (keep ``keep`` tokens per image)
-            or ``"prumerge"`` (adaptive: takes no ``keep``; ``plus=True`` for PruMerge+).
-        keep: visual tokens kept per image (LLaVA-NeXT: of the image's packed sequence,
-            image-newline tokens included).
-        method_kwargs: the method's own options (``stage1_keep``, ``num_crops``, ``plus``,
-            ``backend``, ...), as in :mod:`visprune.methods`.
-
-    Every argument is checked here, and every input before the vision tower runs.
-    """
-    return PruningHandle(model, method, keep, method_kwargs)
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict:
@@ -101,6 +83,37 @@ def _shrink_order(real: torch.Tensor, left: bool):
     width = int(real.sum(1).max())
     order = order[:, order.shape[1] - width:] if left else order[:, :width]
     return order, ~real.gather(1, order)
+
+
+def image_layout(model, images: int, image_sizes, strategy: str) -> List[torch.Tensor]:
+    """Per image, ``int64[N_i]`` (CPU): for each visual token the language model sees, its flat
+    index into the vision tower's ``[crops × tokens per crop]`` outputs; -1 for an
+    image-newline token.  LLaVA-NeXT's layout comes from the model's own
+    ``pack_image_features`` applied to the indices, so it cannot drift from the features.
+    ``images``: how many images (``pixel_values.shape[0]``)."""
+    config = model.config
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
+    if not isinstance(model, LlavaNextForConditionalGeneration):
+        if image_sizes is not None:
+            raise NotImplementedError("image_sizes (variable-resolution vision towers) is not "
+                                      "supported for LlavaForConditionalGeneration")
+        return list(torch.arange(images * n).view(-1, n))
+    if image_sizes is None:
+        raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
+    crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, vision.image_size)
+             for size in image_sizes]
+    flat = torch.arange(sum(crops) * n, dtype=torch.float64).view(-1, n, 1)
+    packed, _ = model.model.pack_image_features(
+        flat.split(crops), image_sizes, strategy, image_newline=flat.new_full((1,), -1.0))
+    return [p[:, 0].long() for p in packed]
+
+
+def image_token_counts(model, images: int, image_sizes, strategy: Optional[str] = None) -> List[int]:
+    """How many placeholder tokens each of ``images`` images fills in the prompt."""
+    if strategy is None:
+        strategy = model.config.vision_feature_select_strategy
+    return [len(s) for s in image_layout(model, images, image_sizes, strategy)]
 
 
 class PruningHandle:
@@ -225,25 +238,7 @@ class PruningHandle:
 
     # ------------------------------------------------------------------ the images' layout
     def _layout(self, pixel_values, image_sizes, strategy) -> List[torch.Tensor]:
-        """Per image, ``int64[N_i]`` (CPU): for each visual token the language model sees, its
-        flat index into the vision tower's ``[crops × tokens per crop]`` outputs; -1 for an
-        image-newline token.  LLaVA-NeXT's layout comes from the model's own
-        ``pack_image_features`` applied to the indices, so it cannot drift from the features."""
-        n = self._crop_tokens + (strategy == "full")
-        if not self._next:
-            if image_sizes is not None:
-                raise NotImplementedError("image_sizes (variable-resolution vision towers) is not "
-                                          "supported for LlavaForConditionalGeneration")
-            return list(torch.arange(pixel_values.shape[0] * n).view(-1, n))
-        if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
-        config = self.model.config
-        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints,
-                                           config.vision_config.image_size) for size in image_sizes]
-        flat = torch.arange(sum(crops) * n, dtype=torch.float64).view(-1, n, 1)
-        packed, _ = self.model.model.pack_image_features(
-            flat.split(crops), image_sizes, strategy, image_newline=flat.new_full((1,), -1.0))
-        return [p[:, 0].long() for p in packed]
+        return image_layout(self.model, pixel_values.shape[0], image_sizes, strategy)
 
     @contextlib.contextmanager
     def _capture(self, layer):

@@ -1,0 +1,34 @@
+"""Visual-token pruning inside Hugging Face transformers' multimodal models.
+
+``enable(model, method, ...)`` is the one entry point; it picks where the method prunes:
+
+* pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``) prune each image's
+  tokens between the projector and the language model (:mod:`.llava`);
+* in-LLM methods (``fastv``, ``fitprune``) prune visual tokens between decoder layers, scored
+  by the attention they receive, with the layers' own SDPA/eager attention (:mod:`.inllm`).
+"""
+from __future__ import annotations
+
+from ... import checks
+from .inllm import INLLM_METHODS, InLLMHandle
+from .llava import METHODS as PRE_LLM_METHODS
+from .llava import PruningHandle, _cls_attention  # noqa: F401  (_cls_attention: tests)
+
+__all__ = ["enable", "PruningHandle", "InLLMHandle", "METHODS", "PRE_LLM_METHODS",
+           "INLLM_METHODS"]
+
+METHODS = PRE_LLM_METHODS + INLLM_METHODS
+
+
+def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
+    """Prune ``model``'s visual tokens with ``method`` until the returned handle is disabled.
+
+    Pre-LLM methods (``"trimtokenator"``, ``"divprune"``, ``"holov"``, ``"prumerge"``): see
+    :class:`visprune.integrations.transformers.llava.PruningHandle`.  In-LLM methods:
+    ``enable(model, "fastv", keep=..., layer=2)`` and ``enable(model, "fitprune", recipe=...)``,
+    see :class:`visprune.integrations.transformers.inllm.InLLMHandle`.
+    """
+    checks.choice("method", method, METHODS)
+    if method in INLLM_METHODS:
+        return InLLMHandle(model, method, keep, method_kwargs)
+    return PruningHandle(model, method, keep, method_kwargs)

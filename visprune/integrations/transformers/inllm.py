@@ -1,0 +1,541 @@
+"""In-LLM visual-token pruning (FastV, FitPrune) for transformers' LLaVA models.
+
+``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` make
+a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``
+(LLaVA-NeXT) drop visual tokens *between decoder layers* of its language model during the
+prefill, scored by the attention they receive.  The layers keep their attention implementation
+(``sdpa`` or ``eager``); the statistics come from :func:`visprune.ops.received_attention` on
+the layer's own post-RoPE queries and keys, so no ``[B, H, L, L]`` map is ever formed.
+
+How it plugs in (no model code is replaced and no weight is touched):
+
+* The language model's ``config._attn_implementation`` is set to ``visprune_sdpa`` (or
+  ``visprune_eager``): transformers' ``AttentionInterface`` calls our function with the layer's
+  post-RoPE ``query`` / ``key``; it hands them to the engine when the layer is one the method
+  scores after, then calls the real ``sdpa`` / ``eager`` attention unchanged.
+* A forward pre-hook on the multimodal model finds each image's placeholder run in a prefill.
+* A forward hook on a scoring layer replaces its output by the kept tokens only; pre-hooks on the
+  later layers give them the matching causal/padding mask, the kept tokens' **original** RoPE
+  positions, and, while decoding, a mask over the shorter KV cache those layers hold.
+
+Layout: after a pruning layer, each row's kept tokens stay in their original order and are
+right-aligned (padding in front), so ``logits[:, -1]`` is every row's last token; the output is
+as wide as the longest row.  ``handle.positions`` gives each output slot's index in the input
+(-1 for padding).  Each layer's KV cache holds the tokens that layer saw; layer 0 always holds the
+whole prompt, so the cache length, the 2-D attention mask and decode positions continue from the
+unpruned prompt length, as without pruning.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from typing import Callable, Dict, List, Optional
+
+import torch
+from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ... import checks, ops
+from ...backends import checked_name
+from .llava import _ENABLED, _bind, image_token_counts
+
+__all__ = ["InLLMHandle", "INLLM_METHODS"]
+
+INLLM_METHODS = ("fastv", "fitprune")
+_SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
+_INNER = ("sdpa", "eager")
+# attention module -> (engine, layer index): who observes which layer's queries and keys
+_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------- attention functions
+def _wrapped(inner: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        owner = _OWNER.get(module)
+        if owner is not None:
+            owner[0]._observe(owner[1], query, key)
+        if inner == "sdpa":
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:       # the model's own eager attention, defined next to its attention module
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"visprune_{inner}_attention"
+    return attention
+
+
+def _register() -> None:
+    """Registers ``visprune_sdpa`` / ``visprune_eager`` with transformers (idempotent)."""
+    for inner in _INNER:
+        name = f"visprune_{inner}"
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS.register(name, _wrapped(inner))
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+
+
+# --------------------------------------------------------------------------- rules
+class Scoring:
+    """What a rule sees after one layer's attention in a prefill: the layer's post-RoPE ``q``
+    ``[B, H, W, dh]`` and ``k`` ``[B, Hkv, W, dh]`` and the current layout: ``valid[B, W]``
+    (not padding), ``orig[B, W]`` (each slot's index in the input; -1 for padding),
+    ``image[B, W]`` (the token's image, numbered over the batch in (row, position) order; -1 for
+    a text token), ``ordinal[B, W]`` (the image's order within its row; -1 for text),
+    ``counts[I]`` (each image's current token count)."""
+
+    def __init__(self, layer, q, k, valid, orig, image, ordinal, counts, backend):
+        self.layer, self.q, self.k, self.valid, self.orig = layer, q, k, valid, orig
+        self.image, self.ordinal, self.counts, self.backend = image, ordinal, counts, backend
+
+    def received(self, queries, heads: str) -> torch.Tensor:
+        """``float32[B, W]``: the attention every token receives from ``queries`` (``"last"``,
+        or ``bool[B, W]``), reduced over heads by ``heads`` (``"max"`` / ``"mean"``)."""
+        q, k = self.q, self.k
+        if q.dtype == torch.float64:                 # the op takes fp32/fp16/bf16
+            q, k = q.float(), k.float()
+        return ops.received_attention(q, k, 0, q.shape[2], queries=queries,
+                                      heads=heads, key_mask=self.valid, backend=self.backend)
+
+    def image_rows(self, r: int):
+        """``(rows, after)`` for the ``r``-th image of every row: ``bool[B, W]`` its tokens, and
+        the valid text tokens after it (none in a row without an ``r``-th image)."""
+        rows = self.ordinal == r
+        slot = torch.arange(rows.shape[1], device=rows.device)
+        end = torch.where(rows, slot, -1).amax(1, keepdim=True)
+        after = self.valid & (self.image < 0) & (slot > end) & (end >= 0)
+        return rows, after
+
+
+def rank_in_image(score: torch.Tensor, image: torch.Tensor, descending: bool) -> torch.Tensor:
+    """``int64[B, W]``: each image token's rank among its image's tokens by ``score`` (0 = the
+    highest with ``descending``, else the lowest); ties go to the lower index."""
+    B, W = score.shape
+    order = torch.sort(score, dim=1, descending=descending, stable=True).indices
+    by_image = torch.sort(image.gather(1, order), dim=1, stable=True)
+    order = order.gather(1, by_image.indices)
+    slot = torch.arange(W, device=score.device).expand(B, W)
+    first = torch.full((B, W), W, device=score.device, dtype=torch.long)
+    ids = by_image.values
+    first = torch.where(torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool),
+                                   ids[:, 1:] != ids[:, :-1]], 1), slot, first)
+    first = torch.cummax(torch.where(first < W, first, -1), 1).values
+    return torch.empty_like(order).scatter_(1, order, slot - first)
+
+
+class FastV:
+    """FastV: after layer ``layer - 1``, keep per image the ``keep`` tokens (or the fraction
+    ``round(N·keep)``) that the last valid token attends to most, averaged over heads."""
+
+    name = "fastv"
+
+    def __init__(self, keep, layer, num_layers):
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise TypeError(f"fastv: keep must be an int (tokens kept per image) or a float in "
+                            f"(0, 1] (a fraction of each image's tokens), got {keep!r}")
+        if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
+            raise ValueError(f"fastv: keep must be an int >= 1 or a float in (0, 1], got {keep!r}")
+        layer = checks.integer("layer", layer)
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"fastv: layer must lie in [1, {num_layers - 1}] (the first layer "
+                             f"that sees the pruned sequence; the model has {num_layers} "
+                             f"decoder layers), got {layer}")
+        self.keep, self.layer = keep, layer
+        self.layers = {layer - 1}
+
+    def kept(self, n: int) -> int:
+        return self.keep if isinstance(self.keep, int) else round(n * self.keep)
+
+    def check(self, counts: List[int]) -> None:
+        for j, n in enumerate(counts):
+            if self.kept(n) > n:
+                raise ValueError(f"fastv: keep={self.keep} is larger than image {j}'s {n} "
+                                 f"visual tokens")
+
+    def drop(self, s: Scoring) -> torch.Tensor:
+        score = s.received("last", "mean")
+        keep = torch.tensor([self.kept(n) for n in s.counts], device=score.device)
+        rank = rank_in_image(score, s.image, descending=True)
+        return (s.image >= 0) & (rank >= keep[s.image.clamp(min=0)])
+
+    def __repr__(self):
+        return f"keep={self.keep}, layer={self.layer}"
+
+
+def fitprune_scores(s: Scoring) -> tuple:
+    """FitPrune's statistics of every image token, ``(cross, self, after)`` as ``float32[B, W]``
+    (0 for text): ``cross`` = the head-max attention the valid text tokens after its image pay
+    it, summed; ``self`` = the head-max attention its image's tokens pay it, summed, divided by
+    the image's current token count; ``after[B, W]`` = how many text rows ``cross`` summed."""
+    cross = torch.zeros(s.valid.shape, device=s.valid.device)
+    self_ = torch.zeros_like(cross)
+    rows_after = torch.zeros_like(cross)
+    count = torch.tensor(s.counts, device=cross.device, dtype=torch.float32)
+    for r in range(int(s.ordinal.max()) + 1):
+        rows, after = s.image_rows(r)
+        cross = torch.where(rows, s.received(after, "max"), cross)
+        self_ = torch.where(rows, s.received(rows, "max") / count[s.image.clamp(min=0)], self_)
+        rows_after = torch.where(rows, after.sum(1, keepdim=True).float(), rows_after)
+    return cross, self_, rows_after
+
+
+class FitPrune:
+    """FitPrune with a recipe ``{layer: tokens deleted}``: after layer ``l``, delete from every
+    image its ``recipe[l]`` tokens with the lowest ``cross · self`` (:func:`fitprune_scores`)."""
+
+    name = "fitprune"
+
+    def __init__(self, recipe, num_layers):
+        from ...fitprune import load_recipe
+
+        self.recipe = load_recipe(recipe, num_layers)
+        self.layers = {l for l, d in self.recipe.items() if d}
+
+    def check(self, counts: List[int]) -> None:
+        total = sum(self.recipe.values())
+        for j, n in enumerate(counts):
+            if total > n:
+                raise ValueError(f"fitprune: the recipe deletes {total} tokens per image, more "
+                                 f"than image {j}'s {n} visual tokens")
+
+    def drop(self, s: Scoring) -> torch.Tensor:
+        cross, self_, _ = fitprune_scores(s)
+        rank = rank_in_image(cross * self_, s.image, descending=False)
+        return (s.image >= 0) & (rank < self.recipe[s.layer])
+
+    def __repr__(self):
+        return f"recipe={ {l: d for l, d in self.recipe.items() if d} }"
+
+
+# --------------------------------------------------------------------------- state
+class _Group:
+    """The sequence a run of layers sees: ``orig[B, W]`` each slot's index in the input (-1:
+    padding), ``valid[B, W]``, and the layers' keyword overrides (mask, positions)."""
+
+    def __init__(self, orig, valid, overrides=None):
+        self.orig, self.valid, self.overrides = orig, valid, overrides or {}
+
+
+class _Prefill:
+    def __init__(self, image, valid, counts):
+        B, L = image.shape
+        self.image, self.counts = image, list(counts)
+        starts = torch.cat([image.new_zeros(B, 1), (image[:, 1:] != image[:, :-1]).long()], 1)
+        first = (image >= 0) & (starts.bool() | (torch.arange(L, device=image.device) == 0))
+        self.ordinal = torch.where(image >= 0, first.long().cumsum(1) - 1, -1)
+        self.groups = [_Group(torch.arange(L, device=image.device).expand(B, L), valid)]
+        self.group_of: List[int] = []
+        self.full: Dict[str, object] = {}
+        self.cache = None
+        self.qk = None
+
+
+class _Decode:
+    """What decoding with a pruned cache needs: the prompt width and each layer's group."""
+
+    def __init__(self, width, groups, group_of):
+        self.width, self.groups, self.group_of = width, groups, group_of
+        self.past, self.tail = 0, None
+
+
+# --------------------------------------------------------------------------- the handle
+class InLLMHandle:
+    """In-LLM pruning enabled on one model.  ``disable()`` (or the end of a ``with`` block)
+    restores the model, its attention implementation included.
+
+    ``positions``: after a forward with images, ``int64[B, W]``, the index in the input of each
+    slot of the output (-1 for padding).
+    """
+
+    def __init__(self, model, method, keep, method_kwargs):
+        if not isinstance(model, _SUPPORTED):
+            names = ", ".join(c.__name__ for c in _SUPPORTED)
+            raise TypeError(f"visprune.enable({method!r}) supports {names}, got "
+                            f"{type(model).__name__}")
+        if model in _ENABLED:
+            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+        checks.choice("method", method, INLLM_METHODS)
+        kwargs = dict(method_kwargs)
+        self.backend = kwargs.pop("backend", None)
+        lm = model.model.language_model
+        layers = lm.layers[: lm.config.num_hidden_layers]
+        if method == "fastv":
+            unknown = sorted(set(kwargs) - {"layer"})
+            if unknown:
+                raise TypeError(f"fastv takes no argument(s) {unknown}; its options are "
+                                f"['backend', 'keep', 'layer']")
+            if keep is None:
+                raise ValueError("fastv needs keep (visual tokens kept per image, or a fraction)")
+            rule = FastV(keep, kwargs.get("layer", 2), len(layers))
+        else:
+            unknown = sorted(set(kwargs) - {"recipe"})
+            if unknown:
+                raise TypeError(f"fitprune takes no argument(s) {unknown}; its options are "
+                                f"['backend', 'recipe']")
+            if keep is not None:
+                raise ValueError(f"fitprune's recipe says how many tokens each layer deletes: "
+                                 f"pass no keep, got keep={keep}")
+            if "recipe" not in kwargs:
+                raise ValueError("fitprune needs recipe= (a {layer: tokens deleted} dict, a JSON "
+                                 "file, or a shipped LLaVA-1.5-7B recipe such as 'r60')")
+            rule = FitPrune(kwargs["recipe"], len(layers))
+        implementation = lm.config._attn_implementation
+        if implementation not in _INNER:
+            raise ValueError(f"in-LLM pruning runs with the language model's 'sdpa' or 'eager' "
+                             f"attention, got {implementation!r}; load the model with "
+                             f"attn_implementation='sdpa'")
+        checked_name(self.backend, model.device)
+        if not isinstance(model, LlavaNextForConditionalGeneration):
+            rule.check(image_token_counts(model, 1, None))   # LLaVA-1.5: one size for all
+        self.model, self.method, self.rule = model, method, rule
+        self.positions: Optional[torch.Tensor] = None
+        self._lm, self._layers, self._implementation = lm, layers, implementation
+        self._pending: Optional[_Prefill] = None
+        self._run: Optional[_Prefill] = None
+        self._decoding: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._signature = inspect.signature(model.model.forward)
+
+        _register()
+        lm.config._attn_implementation = f"visprune_{implementation}"
+        self._hooks = [model.register_forward_pre_hook(self._check_call, with_kwargs=True),
+                       model.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        for l, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(
+                self._before_layer(l), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._after_layer(l)))
+            _OWNER[layer.self_attn] = (self, l)
+        _ENABLED[model] = self
+
+    def disable(self) -> None:
+        """Remove the hooks and restore the attention implementation."""
+        if self.model is None:
+            return
+        for h in self._hooks:
+            h.remove()
+        for layer in self._layers:
+            _OWNER.pop(layer.self_attn, None)
+        self._lm.config._attn_implementation = self._implementation
+        _ENABLED.pop(self.model, None)
+        self.model = self._pending = self._run = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None
+
+    def __enter__(self) -> "InLLMHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disable()
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return f"InLLMHandle({self.method}, {self.rule!r}, {state})"
+
+    # ------------------------------------------------------------------ the model call
+    def _check_call(self, module, args, kwargs):
+        images = kwargs.get("pixel_values") is not None or len(args) > 1 \
+            or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if images and kwargs.get("labels") is not None:
+            raise NotImplementedError(f"{self.method} shortens the sequence inside the language "
+                                      f"model, so the logits no longer line up with labels: "
+                                      f"training/loss with in-LLM pruning is not supported")
+
+    def _on_model(self, module, args, kwargs):
+        a = _bind(self._signature, args, kwargs)
+        cache = a.get("cache", a.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        images = _image_counts(self.model, a) is not None
+        self._pending = None
+        if past:                                         # decoding, or a continued prompt
+            if images:
+                raise NotImplementedError("in-LLM pruning of images that arrive after a "
+                                          "non-empty KV cache is not supported: pass the images "
+                                          "with the first call")
+            state = self._decoding.get(cache)
+            if state is not None:
+                ids = a.get("input_ids") if a.get("input_ids") is not None else a["inputs_embeds"]
+                mask = a.get("attention_mask")
+                B, q = ids.shape[:2]
+                if B != state.groups[0].valid.shape[0]:
+                    raise NotImplementedError("the batch changed after a pruned prefill "
+                                              "(contrastive search / assisted decoding are not "
+                                              "supported with in-LLM pruning)")
+                state.past = past - state.width
+                state.tail = (None if mask is None or mask.dim() != 2
+                              else mask[:, state.width:].bool())
+            return None
+        if cache is not None:                            # a new prompt in this cache
+            self._decoding.pop(cache, None)
+        if not images:
+            return None
+        if a.get("input_ids") is None:
+            raise ValueError("in-LLM pruning needs input_ids with the image placeholder tokens "
+                             "(inputs_embeds alone is not supported)")
+        if cache is not None and type(cache) is not DynamicCache:
+            raise NotImplementedError(f"in-LLM pruning keeps a different length per layer and "
+                                      f"needs a DynamicCache, got {type(cache).__name__}")
+        self._pending = self._layout(a)
+        return None
+
+    def _layout(self, a) -> _Prefill:
+        """Each image's placeholder run in the prompt, and the rule's budget check."""
+        input_ids, mask = a["input_ids"], a.get("attention_mask")
+        config = self.model.config
+        counts = _image_counts(self.model, a)
+        is_image = input_ids == config.image_token_id
+        if int(is_image.sum()) != sum(counts):
+            raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholder tokens, but "
+                             f"the {len(counts)} image(s) have {counts} visual tokens")
+        self.rule.check(counts)
+        ends = torch.tensor(counts, device=input_ids.device).cumsum(0)
+        rank = is_image.flatten().cumsum(0).view_as(is_image) - 1
+        image = torch.bucketize(rank, ends, right=True)
+        image = torch.where(is_image, image, -1)
+        valid = (torch.ones_like(is_image) if mask is None else mask.bool()) | is_image
+        return _Prefill(image, valid, counts)
+
+    # ------------------------------------------------------------------ the layers
+    def _observe(self, layer: int, query, key) -> None:
+        run = self._run
+        if run is not None and layer in self.rule.layers:
+            run.qk = (query, key)
+
+    def _before_layer(self, l: int):
+        def hook(module, args, kwargs):
+            if l == 0:
+                self._run, self._pending = self._pending, None
+                if self._run is not None:
+                    self._start(self._run, args, kwargs)
+            run = self._run
+            if run is not None:
+                overrides = run.groups[run.group_of[l]].overrides
+            else:
+                state = self._decoding.get(kwargs.get("cache", kwargs.get("past_key_values")))
+                if state is None or state.group_of[l] == 0:
+                    return None
+                overrides = {"attention_mask": self._decode_mask(state, state.group_of[l],
+                                                                 args, kwargs)}
+            if not overrides:
+                return None
+            return args, {**kwargs, **overrides}
+
+        return hook
+
+    def _start(self, run: _Prefill, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] != run.image.shape[1]:
+            raise RuntimeError("the language model received a sequence of another length than "
+                               "input_ids: in-LLM pruning cannot find the images")
+        run.full = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids")}
+        run.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        run.group_of = [0] * len(self._layers)
+        run.dtype = hidden.dtype
+
+    def _after_layer(self, l: int):
+        def hook(module, args, output):
+            run = self._run
+            if run is not None and l in self.rule.layers:
+                output = self._prune(run, l, output)
+            if run is not None and l == len(self._layers) - 1:
+                self._finish(run)
+            return output
+
+        return hook
+
+    def _prune(self, run: _Prefill, l: int, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        group = run.groups[run.group_of[l]]
+        q, k = run.qk
+        run.qk = None
+        image = torch.where(group.orig >= 0, run.image.gather(1, group.orig.clamp(min=0)), -1)
+        image = torch.where(group.valid, image, -1)
+        ordinal = torch.where(image >= 0, run.ordinal.gather(1, group.orig.clamp(min=0)), -1)
+        with torch.no_grad():
+            drop = self.rule.drop(Scoring(l, q, k, group.valid, group.orig, image, ordinal, run.counts,
+                                          self.backend))
+        if not bool(drop.any()):
+            return output
+        real = group.valid & ~drop
+        run.counts = torch.bincount(image[real & (image >= 0)],
+                                    minlength=len(run.counts)).tolist()
+        key = real.long()                          # kept tokens last, in their order
+        order = key.sort(dim=1, stable=True).indices[:, -int(real.sum(1).max()):]
+        valid = real.gather(1, order)
+        orig = torch.where(valid, group.orig.gather(1, order), -1)
+        new = _Group(orig, valid, self._overrides(run, orig, valid))
+        run.groups.append(new)
+        for m in range(l + 1, len(self._layers)):
+            run.group_of[m] = len(run.groups) - 1
+        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _overrides(self, run: _Prefill, orig, valid) -> dict:
+        """The later layers' mask and the kept tokens' original positions."""
+        index = orig.clamp(min=0)
+        out = {"attention_mask": self._mask(valid[:, None, :], valid.shape[1], 0, run.dtype)}
+        cos_sin = run.full.get("position_embeddings")
+        if cos_sin is not None:
+            out["position_embeddings"] = tuple(_take(t, index, -2) for t in cos_sin)
+        if run.full.get("position_ids") is not None:
+            out["position_ids"] = _take(run.full["position_ids"], index, -1)
+        return out
+
+    def _mask(self, allowed_keys, width: int, offset: int, dtype):
+        """``[B, 1, q, K]`` mask: key ``j`` allowed for query ``i`` where ``allowed_keys``
+        ``[B, q|1, K]`` says so and ``j <= i + offset`` (causal); a query row with no key
+        attends to its own slot (padding rows: keeps the softmax finite, never read)."""
+        B, _, K = allowed_keys.shape
+        i = torch.arange(width - offset, device=allowed_keys.device)[:, None] + offset
+        j = torch.arange(K, device=allowed_keys.device)[None, :]
+        allowed = allowed_keys & (j <= i)
+        allowed = allowed | ((j == i) & ~allowed.any(-1, keepdim=True))
+        allowed = allowed[:, None]
+        if self._implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    def _decode_mask(self, state: _Decode, g: int, args, kwargs):
+        group = state.groups[g]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        B, q = hidden.shape[:2]
+        W = group.valid.shape[1]
+        total = state.past + q
+        tail = state.tail
+        if tail is None or tail.shape[1] != total:
+            tail = torch.ones(B, total, dtype=torch.bool, device=hidden.device)
+        keys = torch.cat([group.valid, tail], 1)[:, None, :]
+        return self._mask(keys, W + total, W + state.past, hidden.dtype)
+
+    def _finish(self, run: _Prefill) -> None:
+        self.positions = run.groups[-1].orig        # after the last pruning layer
+        if run.cache is not None and len(run.groups) > 1:
+            self._decoding[run.cache] = _Decode(run.image.shape[1], run.groups, run.group_of)
+        self._run = None
+
+
+def _image_counts(model, a) -> Optional[List[int]]:
+    """Each image's token count in a call with images (``pixel_values``, or the pre-encoded
+    ``mm_encoder_outputs`` that ``generate`` passes), else None."""
+    encoded = (a.get("mm_encoder_outputs") or {}).get("image")
+    if encoded is not None:
+        counts = [len(f) for f in encoded.pooler_output]
+    elif a.get("pixel_values") is not None:
+        counts = image_token_counts(model, a["pixel_values"].shape[0], a.get("image_sizes"),
+                                    a.get("vision_feature_select_strategy"))
+    else:
+        return None
+    return counts or None
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` (``[..., B|1, L, (d)]`` along ``dim``) gathered at ``index[B, W]`` along ``dim``."""
+    B, W = index.shape
+    shape = list(t.shape)
+    batch = dim - 1
+    shape[batch] = B
+    t = t.expand(*shape)
+    idx = index.view(*([1] * (t.dim() + batch)), B, W, *([1] * (-dim - 1)))
+    shape[dim] = W
+    return t.gather(dim, idx.expand(*shape))
