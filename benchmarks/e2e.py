@@ -18,7 +18,8 @@ pruning, language model; ``logits_to_keep=1``), median of ``--reps``; ``generate
 ``tok/s`` is batch x new tokens / that time; ``prune`` is the time of the pruning method alone
 (the visprune call inside the prefill, timed in separate repetitions with the device synchronised
 around it), also as a share of the pruned prefill.  ``kept``: mean visual tokens kept per image.
-In-LLM methods: ``fastv`` keeps ``keep`` tokens per image before layer 2 (``--fastv-layer``);
+In-LLM methods: ``fastv`` keeps ``keep`` tokens per image before layer 2 (``--fastv-layer``),
+``dart`` (same layer, 4 + 4 pivots) keeps ``4 + 8·int(keep / 8)``;
 ``fitprune`` runs the original's reduction-60 recipe for LLaVA-1.5-7B (on the tiny model its
 per-layer deletions are summed onto the tiny model's layers, layer ``l`` of 32 onto
 ``l * layers // 32``); their ``kept`` is what the last layer sees and ``prune`` times the scoring
@@ -44,7 +45,7 @@ import visprune
 IMAGE_TOKEN = 32000
 TEXT_TOKENS = 64            # prompt text around the image (the DESIGN's M)
 ADAPTIVE = {"prumerge": {}, "prumerge+": {"plus": True}}
-INLLM = ("fastv", "fitprune")
+INLLM = ("fastv", "fitprune", "dart")
 
 
 def fitprune_recipe(layers: int) -> dict:
@@ -155,8 +156,8 @@ def main(argv=None):
     p.add_argument("--keeps", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--methods", nargs="+",
                    default=["trimtokenator", "divprune", "holov", "prumerge", "prumerge+",
-                            "fastv", "fitprune"])
-    p.add_argument("--fastv-layer", type=int, default=2)
+                            "fastv", "fitprune", "dart"])
+    p.add_argument("--fastv-layer", type=int, default=2, help="FastV's and DART's layer")
     p.add_argument("--reps", type=int, default=10, help="prefill repetitions")
     p.add_argument("--gen-reps", type=int, default=3, help="generate repetitions")
     p.add_argument("--json", help="write one JSON object per row to this file")
@@ -189,7 +190,7 @@ def main(argv=None):
             layers = model.config.text_config.num_hidden_layers
             cases.append(("fitprune", None, dict(recipe=fitprune_recipe(layers),
                                                  _label="fitprune r60")))
-        elif method == "fastv":
+        elif method in ("fastv", "dart"):
             cases += [(method, keep, {"layer": args.fastv_layer}) for keep in args.keeps]
         else:
             cases += [(method, keep, {}) for keep in args.keeps]

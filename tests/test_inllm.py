@@ -18,8 +18,9 @@ from test_integration import llava, llava_next  # noqa: E402,F401  (the tiny mod
 
 ROWS = [[5, 6, "<image>", 7, 8, 9, 10], [5, "<image>", 7, 8], [9, "<image>", 11, 12, 13, 14, 15]]
 METHODS = [("fastv", dict(keep=5, layer=1)), ("fastv", dict(keep=0.5, layer=1)),
-           ("fitprune", dict(recipe={0: 4, 1: 3}))]
-IDS = ["fastv", "fastv-fraction", "fitprune"]
+           ("fitprune", dict(recipe={0: 4, 1: 3})),
+           ("dart", dict(keep=4, layer=1, pivot_image=1, pivot_text=1))]
+IDS = ["fastv", "fastv-fraction", "fitprune", "dart"]
 
 
 def _one(model, inputs, r):
@@ -59,9 +60,11 @@ def test_batch_equals_rows_alone(llava, method, kw, side):
     per_row = kept_images.sum(1)
     if method == "fastv":
         expected = kw["keep"] if isinstance(kw["keep"], int) else round(16 * kw["keep"])
-        assert per_row.tolist() == [expected] * len(ROWS)
+    elif method == "dart":
+        expected = 1 + 2 * (4 // 2)                 # 1 image pivot + 2 pivots x 2 claimed
     else:
-        assert per_row.tolist() == [16 - 7] * len(ROWS)
+        expected = 16 - 7
+    assert per_row.tolist() == [expected] * len(ROWS)
     text = (~image) & inputs["attention_mask"].bool()
     assert ((~kept_images) & (positions >= 0)).sum(1).tolist() == text.sum(1).tolist()
 
@@ -95,7 +98,8 @@ class _Replay:
         return (s.orig >= 0) & dropped.gather(1, s.orig.clamp(min=0))
 
 
-@pytest.mark.parametrize("method,kw", [METHODS[0], METHODS[2]], ids=["fastv", "fitprune"])
+@pytest.mark.parametrize("method,kw", [METHODS[0], METHODS[2], METHODS[3]],
+                         ids=["fastv", "fitprune", "dart"])
 def test_generate_with_cache_matches_one_pass(llava, method, kw):
     """Each token generated with the pruned, per-layer KV cache has the logits of one forward
     over prompt + generated tokens in which the same tokens are dropped after the same layers."""
@@ -197,6 +201,11 @@ def test_rank_in_image_ties_and_groups():
     ("fastv", dict(keep="3", layer=1), TypeError, "keep must be"),
     ("fastv", dict(layer=1), ValueError, "fastv needs keep"),
     ("fastv", dict(keep=2, layers=1), TypeError, r"no argument\(s\) \['layers'\]"),
+    ("dart", dict(layer=1), ValueError, "dart needs keep"),
+    ("dart", dict(keep=4, layer=2), ValueError, r"layer must lie in \[1, 1\]"),
+    ("dart", dict(keep=4, layer=1, pivot_image=0, pivot_text=0), ValueError, "at least one"),
+    ("dart", dict(keep=4, layer=1, pivot_text=-1), ValueError, "must be >= 0"),
+    ("dart", dict(keep=4, layer=1, pivots=2), TypeError, r"no argument\(s\) \['pivots'\]"),
     ("fitprune", dict(), ValueError, "fitprune needs recipe"),
     ("fitprune", dict(keep=3, recipe={0: 1}), ValueError, "pass no keep"),
     ("fitprune", dict(recipe={5: 1}), ValueError, "after layer 5, but the model has 2"),
@@ -216,6 +225,7 @@ def test_bad_arguments(llava, method, kw, error, match):
 @pytest.mark.parametrize("method,kw,match", [
     ("fastv", dict(keep=17, layer=1), r"keep=\d+ is larger than image 0's \d+ visual"),
     ("fitprune", dict(recipe={0: 10, 1: 7}), r"deletes \d+ tokens per image, more than image 0's"),
+    ("dart", dict(keep=20, layer=1), r"keep=\d+ keeps \d+ tokens .* more than image 0's"),
 ])
 def test_budget_checked_before_any_work(llava, llava_next, method, kw, match):
     """LLaVA-1.5's images all have the same size: enable() checks; LLaVA-NeXT's are checked
@@ -224,7 +234,7 @@ def test_budget_checked_before_any_work(llava, llava_next, method, kw, match):
         visprune.enable(llava, method, **kw)
     inputs = _batch(llava_next, [[5, "<image>", 6]])
     n = int((inputs["input_ids"] == IMAGE).sum())
-    kw = {**kw, "keep": n + 1} if method == "fastv" else {"recipe": {0: n, 1: 1}}
+    kw = {"recipe": {0: n, 1: 1}} if method == "fitprune" else {**kw, "keep": n + 8}
     calls = []
     hook = llava_next.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:

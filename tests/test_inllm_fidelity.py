@@ -140,11 +140,12 @@ def _causal_mask(n, dtype):
     return mask[None, None]
 
 
-def _attention(model, layer, hidden_states, position_ids):
+def _attention(model, layer, hidden_states, position_ids, keys=None):
     """input_layernorm, q/k/v, RoPE (the model's own rotary embedding at ``position_ids``),
     repeat_kv, eager causal softmax: the first half of FitPrune's ``LlamaAttention.forward``
     (and of ``fit_model``'s per-layer loop).  Returns (attn_weights [1,H,n,n], attn_output
-    [1,H,n,dh]) -- attn_output BEFORE the transpose / o_proj."""
+    [1,H,n,dh]) -- attn_output BEFORE the transpose / o_proj.  ``keys``: a list that receives
+    the post-RoPE key states before repeat_kv (what the layer's KV cache holds)."""
     self_attn = layer.self_attn
     cfg = model.config.text_config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -161,6 +162,8 @@ def _attention(model, layer, hidden_states, position_ids):
     cos, sin = cos[:, None], sin[:, None]                        # [bs, 1, seq_len, dim]
     query_states = query_states * cos + _rotate_half(query_states) * sin
     key_states = key_states * cos + _rotate_half(key_states) * sin
+    if keys is not None:
+        keys.append(key_states)
     key_states = _repeat_kv(key_states, heads // kv_heads)
     value_states = _repeat_kv(value_states, heads // kv_heads)
     attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(head_dim)
@@ -256,6 +259,81 @@ def _fitprune_reference(model, inputs, delete_scheme):
             position_ids = position_ids[:, topk_idx]
         hidden_states = _finish(layer, residual, attn_output)
     return _head(model, hidden_states), position_ids[0]
+
+
+# --------------------------------------------------------------------------- DART (LightCompress)
+def _get_retained_image_token(start, length, pivot_image_token, pivot_text_token,
+                              reduction_ratio, last_layer_state, any_states):
+    """LightCompress ``llmc/compression/token_reduction/dart.py`` ``get_retained_image_token``,
+    batch row 0.  Deviations (documented): the pivots are visited in ascending index order (the
+    original iterates a Python set) and the pool list is ascending with ties to the lower index
+    (the original: set order, ``topk``)."""
+    TOKEN_TOPK = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
+    any_states = any_states.permute(0, 2, 1, 3)
+    any_states = any_states.reshape(any_states.shape[0], any_states.shape[1], -1)
+    k_states_image_token = any_states[0][start:start + length, :]
+    k_states_query_token = any_states[0][start + length:, :]
+    k_states_image_token_L1_norm = torch.norm(k_states_image_token, p=1, dim=-1)
+    k_states_query_token_L1_norm = torch.norm(k_states_query_token, p=1, dim=-1)
+    image_indices = (torch.sort(k_states_image_token_L1_norm, descending=True, stable=True)
+                     .indices[:pivot_image_token] + start).tolist()
+    query_indices = (torch.sort(k_states_query_token_L1_norm, descending=True, stable=True)
+                     .indices[:pivot_text_token] + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = sorted(valid_indices)
+    for item in sorted(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :],
+                                                         valid_vectors, dim=-1)
+        top_k_indices = torch.sort(cos_sim, descending=True, stable=True).indices[:TOKEN_TOPK]
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = sorted(valid_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set))
+
+
+def _dart_reference(model, inputs, pruning_loc, reduction_ratio, pivot_image_token,
+                    pivot_text_token):
+    """DART as LightCompress hooks it: ``get_any_states_hook`` keeps layer ``pruning_loc - 1``'s
+    key cache; ``pruning_hook`` (a pre-hook of layer ``pruning_loc``) norms the incoming hidden
+    states with the final norm, keeps the text and the retained image tokens (sorted) and sets
+    ``position_ids`` to their indices.  Returns (logits, keep_indexs)."""
+    start, length = _image_span(inputs["input_ids"])
+    hidden_states = _embeds(model, inputs)
+    seq_length = hidden_states.shape[1]
+    position_ids = torch.arange(seq_length)[None]
+    keep_indexs = torch.arange(seq_length)
+    any_states = []
+    for layer_idx, layer in enumerate(_layers(model)):
+        if layer_idx == pruning_loc:
+            last_layer_state = model.model.language_model.norm(hidden_states)
+            retained = _get_retained_image_token(start, length, pivot_image_token,
+                                                 pivot_text_token, reduction_ratio,
+                                                 last_layer_state, any_states[0])
+            keep_indexs = torch.cat((torch.arange(start), retained,
+                                     torch.arange(start + length, seq_length))).sort().values
+            hidden_states = hidden_states[:, keep_indexs, :]
+            position_ids = keep_indexs.unsqueeze(0)
+        keys = any_states if layer_idx == pruning_loc - 1 else None
+        attn_weights, attn_output = _attention(model, layer, hidden_states, position_ids, keys)
+        hidden_states = _finish(layer, hidden_states, attn_output)
+    return _head(model, hidden_states), keep_indexs
+
+
+@pytest.mark.parametrize("layer,ratio,pivots,kw", [
+    (2, 0.5, (2, 2), dict(keep=0.5)),                # t = int(16·0.5/4) = 2: 2 + 4·2 = 10 kept
+    (1, 0.5, (1, 3), dict(keep=8)),                  # the int budget: the same t = 2
+    (3, 0.625, (2, 1), dict(keep=6)),                # t = int(16·0.375/3) = 2: 2 + 3·2 = 8 kept
+], ids=["layer2-frac", "layer1-int", "layer3"])
+def test_dart_matches_original(model, layer, ratio, pivots, kw):
+    inputs = _inputs(PROMPT, seed=5)
+    with torch.no_grad():
+        expected, kept = _dart_reference(model, inputs, layer, ratio, *pivots)
+    _check_engine(model, inputs, "dart", dict(kw, layer=layer, pivot_image=pivots[0],
+                                              pivot_text=pivots[1]), expected, kept)
 
 
 # --------------------------------------------------------------------------- tests: inference

@@ -4,8 +4,8 @@
 
 * pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``) prune each image's
   tokens between the projector and the language model (:mod:`.llava`);
-* in-LLM methods (``fastv``, ``fitprune``) prune visual tokens between decoder layers, scored
-  by the attention they receive, with the layers' own SDPA/eager attention (:mod:`.inllm`).
+* in-LLM methods (``fastv``, ``fitprune``, ``dart``) prune visual tokens between decoder layers,
+  with the layers' own SDPA/eager attention (:mod:`.inllm`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
 
     Pre-LLM methods (``"trimtokenator"``, ``"divprune"``, ``"holov"``, ``"prumerge"``): see
     :class:`visprune.integrations.transformers.llava.PruningHandle`.  In-LLM methods:
-    ``enable(model, "fastv", keep=..., layer=2)`` and ``enable(model, "fitprune", recipe=...)``,
+    ``enable(model, "fastv", keep=..., layer=2)``, ``enable(model, "fitprune", recipe=...)`` and
+    ``enable(model, "dart", keep=..., layer=2)``,
     see :class:`visprune.integrations.transformers.inllm.InLLMHandle`.
     """
     checks.choice("method", method, METHODS)

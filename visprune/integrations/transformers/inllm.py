@@ -1,9 +1,11 @@
-"""In-LLM visual-token pruning (FastV, FitPrune) for transformers' LLaVA models.
+"""In-LLM visual-token pruning (FastV, FitPrune, DART) for transformers' LLaVA models.
 
-``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` make
+``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` /
+``enable(model, "dart", keep=..., layer=K)`` make
 a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``
 (LLaVA-NeXT) drop visual tokens *between decoder layers* of its language model during the
-prefill, scored by the attention they receive.  The layers keep their attention implementation
+prefill, scored by the attention they receive (FastV, FitPrune) or by their keys and hidden
+states (DART).  The layers keep their attention implementation
 (``sdpa`` or ``eager``); the statistics come from :func:`visprune.ops.received_attention` on
 the layer's own post-RoPE queries and keys, so no ``[B, H, L, L]`` map is ever formed.
 
@@ -43,7 +45,7 @@ from .llava import _ENABLED, _bind, image_token_counts
 
 __all__ = ["InLLMHandle", "INLLM_METHODS"]
 
-INLLM_METHODS = ("fastv", "fitprune")
+INLLM_METHODS = ("fastv", "fitprune", "dart")
 _SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 _INNER = ("sdpa", "eager")
 # attention module -> (engine, layer index): who observes which layer's queries and keys
@@ -82,11 +84,14 @@ class Scoring:
     (not padding), ``orig[B, W]`` (each slot's index in the input; -1 for padding),
     ``image[B, W]`` (the token's image, numbered over the batch in (row, position) order; -1 for
     a text token), ``ordinal[B, W]`` (the image's order within its row; -1 for text),
-    ``counts[I]`` (each image's current token count)."""
+    ``counts[I]`` (each image's current token count), ``hidden[B, W, D]`` (the layer's output)
+    and ``norm`` (the language model's final norm)."""
 
-    def __init__(self, layer, q, k, valid, orig, image, ordinal, counts, backend):
+    def __init__(self, layer, q, k, valid, orig, image, ordinal, counts, backend, hidden=None,
+                 norm=None):
         self.layer, self.q, self.k, self.valid, self.orig = layer, q, k, valid, orig
         self.image, self.ordinal, self.counts, self.backend = image, ordinal, counts, backend
+        self.hidden, self.norm = hidden, norm
 
     def received(self, queries, heads: str) -> torch.Tensor:
         """``float32[B, W]``: the attention every token receives from ``queries`` (``"last"``,
@@ -130,17 +135,8 @@ class FastV:
     name = "fastv"
 
     def __init__(self, keep, layer, num_layers):
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise TypeError(f"fastv: keep must be an int (tokens kept per image) or a float in "
-                            f"(0, 1] (a fraction of each image's tokens), got {keep!r}")
-        if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
-            raise ValueError(f"fastv: keep must be an int >= 1 or a float in (0, 1], got {keep!r}")
-        layer = checks.integer("layer", layer)
-        if not 1 <= layer < num_layers:
-            raise ValueError(f"fastv: layer must lie in [1, {num_layers - 1}] (the first layer "
-                             f"that sees the pruned sequence; the model has {num_layers} "
-                             f"decoder layers), got {layer}")
-        self.keep, self.layer = keep, layer
+        _check_keep("fastv", keep)
+        self.keep, self.layer = keep, _check_layer("fastv", layer, num_layers)
         self.layers = {layer - 1}
 
     def kept(self, n: int) -> int:
@@ -207,6 +203,116 @@ class FitPrune:
         return f"recipe={ {l: d for l, d in self.recipe.items() if d} }"
 
 
+class DART:
+    """DART (arXiv 2502.11494; the LightCompress port): after layer ``layer - 1``, per image,
+    ``pivot_image`` image tokens and ``pivot_text`` text tokens after the image with the largest
+    L1 norm of their keys are pivots; in index order, each pivot claims the ``t`` remaining image
+    tokens least cosine-similar to it (final-normed hidden states); the image keeps its pivots and
+    the claimed tokens: ``pivot_image + (pivot_image + pivot_text)·t`` with
+    ``t = int(budget / (pivot_image + pivot_text))``, ``budget`` = ``keep`` (int) or
+    ``N·keep`` (float, the original's ``1 - reduction_ratio``)."""
+
+    name = "dart"
+
+    def __init__(self, keep, layer, pivot_image, pivot_text, num_layers):
+        _check_keep("dart", keep)
+        self.layer = _check_layer("dart", layer, num_layers)
+        self.pivot_image = checks.integer("pivot_image", pivot_image)
+        self.pivot_text = checks.integer("pivot_text", pivot_text)
+        if self.pivot_image < 0 or self.pivot_text < 0 or self.pivot_image + self.pivot_text < 1:
+            raise ValueError(f"dart: pivot_image and pivot_text must be >= 0 with at least one "
+                             f"pivot, got {pivot_image} and {pivot_text}")
+        self.keep = keep
+        self.layers = {self.layer - 1}
+
+    def claims(self, n: int) -> int:
+        budget = self.keep if isinstance(self.keep, int) else n * self.keep
+        return int(budget / (self.pivot_image + self.pivot_text))
+
+    def kept(self, n: int) -> int:
+        return self.pivot_image + (self.pivot_image + self.pivot_text) * self.claims(n)
+
+    def check(self, counts: List[int]) -> None:
+        for j, n in enumerate(counts):
+            if self.kept(n) > n:
+                raise ValueError(f"dart: keep={self.keep} keeps {self.kept(n)} tokens "
+                                 f"({self.pivot_image} pivots + {self.pivot_image} + "
+                                 f"{self.pivot_text} pivots x {self.claims(n)} claimed), more than "
+                                 f"image {j}'s {n} visual tokens")
+
+    def drop(self, s: Scoring) -> torch.Tensor:
+        B, W = s.valid.shape
+        keys = s.k.transpose(1, 2).reshape(B, W, -1).float()       # [B, W, Hkv·dh]
+        l1 = keys.abs().sum(-1)
+        states = (s.norm(s.hidden) if s.norm is not None else s.hidden).float()
+        unit = states / states.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        keep = torch.zeros_like(s.valid)
+        rows = torch.arange(B, device=keys.device)
+        for r in range(int(s.ordinal.max()) + 1):
+            image, after = s.image_rows(r)
+            img_pivots = _top(l1, image, self.pivot_image)             # [B, p] slots, -1: none
+            txt_pivots = _top(l1, after, self.pivot_text)
+            pivots = torch.cat([img_pivots, txt_pivots], 1)              # in index order;
+            pivots = torch.sort(torch.where(pivots >= 0, pivots, W), dim=1).values  # none: W
+            pool = image.clone()
+            pool[rows[:, None].expand_as(img_pivots)[img_pivots >= 0],
+                 img_pivots[img_pivots >= 0]] = False
+            kept = image & ~pool
+            claims = torch.tensor([self.claims(n) for n in s.counts], device=keys.device)
+            which = torch.where(image, s.image, -1).amax(1)             # the image's id, or -1
+            t = torch.where(which >= 0, claims[which.clamp(min=0)], 0)
+            for j in range(pivots.shape[1]):
+                p = pivots[:, j]
+                has = p < W
+                cos = (unit * unit[rows, p.clamp(max=W - 1)][:, None]).sum(-1)
+                claimed = _top(-cos, pool, t) if int(t.max()) else None
+                if claimed is None:
+                    break
+                claimed = torch.where(has[:, None], claimed, -1)
+                hit = torch.zeros_like(pool)
+                ok = claimed >= 0
+                hit[rows[:, None].expand_as(claimed)[ok], claimed[ok]] = True
+                pool &= ~hit
+                kept |= hit
+            keep |= kept
+        return (s.image >= 0) & ~keep
+
+    def __repr__(self):
+        return (f"keep={self.keep}, layer={self.layer}, pivot_image={self.pivot_image}, "
+                f"pivot_text={self.pivot_text}")
+
+
+def _top(score: torch.Tensor, allowed: torch.Tensor, k) -> torch.Tensor:
+    """``int64[B, K]``: per row the slots of the ``k`` highest ``score`` among ``allowed`` (ties:
+    the lower slot), -1 where a row has fewer; ``k``: an int, or an int64 ``[B]`` (``K`` its
+    maximum; a row's entries past its own ``k`` are -1)."""
+    B, W = score.shape
+    k = torch.as_tensor(k, device=score.device).expand(B)
+    K = int(k.max()) if B else 0
+    order = torch.sort(score.masked_fill(~allowed, float("-inf")), dim=1, descending=True,
+                       stable=True).indices[:, :K]
+    ok = allowed.gather(1, order) & (torch.arange(K, device=score.device) < k[:, None])
+    return torch.where(ok, order, -1)
+
+
+def _check_keep(method: str, keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{method}: keep must be an int (tokens kept per image) or a float in "
+                        f"(0, 1] (a fraction of each image's tokens), got {keep!r}")
+    if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
+        raise ValueError(f"{method}: keep must be an int >= 1 or a float in (0, 1], "
+                         f"got {keep!r}")
+
+
+def _check_layer(method: str, layer, num_layers: int) -> int:
+    layer = checks.integer("layer", layer)
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"{method}: layer must lie in [1, {num_layers - 1}] (the first layer "
+                         f"that sees the pruned sequence; the model has {num_layers} decoder "
+                         f"layers), got {layer}")
+    return layer
+
+
 # --------------------------------------------------------------------------- state
 class _Group:
     """The sequence a run of layers sees: ``orig[B, W]`` each slot's index in the input (-1:
@@ -267,6 +373,17 @@ class InLLMHandle:
             if keep is None:
                 raise ValueError("fastv needs keep (visual tokens kept per image, or a fraction)")
             rule = FastV(keep, kwargs.get("layer", 2), len(layers))
+        elif method == "dart":
+            options = {"layer": 2, "pivot_image": 4, "pivot_text": 4}
+            unknown = sorted(set(kwargs) - set(options))
+            if unknown:
+                raise TypeError(f"dart takes no argument(s) {unknown}; its options are "
+                                f"{sorted(['backend', 'keep', *options])}")
+            if keep is None:
+                raise ValueError("dart needs keep (visual tokens kept per image, or a fraction)")
+            options.update(kwargs)
+            rule = DART(keep, options["layer"], options["pivot_image"], options["pivot_text"],
+                        len(layers))
         else:
             unknown = sorted(set(kwargs) - {"recipe"})
             if unknown:
@@ -452,8 +569,10 @@ class InLLMHandle:
         image = torch.where(group.valid, image, -1)
         ordinal = torch.where(image >= 0, run.ordinal.gather(1, group.orig.clamp(min=0)), -1)
         with torch.no_grad():
-            drop = self.rule.drop(Scoring(l, q, k, group.valid, group.orig, image, ordinal, run.counts,
-                                          self.backend))
+            drop = self.rule.drop(Scoring(l, q, k, group.valid, group.orig, image, ordinal,
+                                          run.counts, self.backend, hidden,
+                                          getattr(self._lm, "norm", None)))
+
         if not bool(drop.any()):
             return output
         real = group.valid & ~drop
