@@ -282,6 +282,26 @@ at::Tensor received_attention(const at::Tensor& q, const at::Tensor& k, const at
                               contiguous(query_mask), heads, contiguous(key_mask), scale);
 }
 
+at::Tensor dpp_map(const at::Tensor& x, const at::Tensor& relevance, int64_t k,
+                   const c10::optional<at::Tensor>& mask, double eps, const Kernels& K) {
+  check_select(x, "x", {k, "k"}, mask, -1);
+  check_floating(relevance, "relevance", "[B, N]", 2);
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK_VALUE(relevance.size(0) == B && relevance.size(1) == N,
+                    "relevance must have shape [B, N] = [", B, ", ", N, "] to match x, got ",
+                    relevance.sizes());
+  TORCH_CHECK_VALUE(relevance.device() == x.device(), "relevance is on ", relevance.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite float >= 0, got ", eps);
+  TORCH_CHECK_NOT_IMPLEMENTED(K.dpp_map != nullptr, "dpp_map has no kernel in visprune._C for ",
+                              x.device().type(), " tensors; use backend='triton' (the default "
+                              "for CUDA tensors) or backend='reference'");
+  const c10::DeviceGuard guard(x.device());
+  if (B == 0 || k == 0) return at::empty({B, k}, x.options().dtype(at::kLong));
+  return K.dpp_map(prepare_tokens(fp32_tokens(x), Metric::kCosine), fp32_tokens(relevance), k,
+                   mask, eps, {k, "k"});
+}
+
 }  // namespace
 }  // namespace visprune
 
@@ -294,6 +314,7 @@ TORCH_LIBRARY(visprune, m) {
         "Tensor? mask, str mi_metric, str objective, str metric) -> (Tensor, Tensor, Tensor)");
   m.def("received_attention(Tensor q, Tensor k, Tensor start, int length, str queries, "
         "Tensor? query_mask, str heads, Tensor? key_mask, float scale) -> Tensor");
+  m.def("dpp_map(Tensor x, Tensor relevance, int k, Tensor? mask, float eps) -> Tensor");
 }
 
 // The ops of one device: the composition above over that device's kernels.
@@ -326,6 +347,10 @@ TORCH_LIBRARY(visprune, m) {
                                   double scale) {                                                 \
     return visprune::received_attention(q, k, start, length, queries, query_mask, heads,          \
                                         key_mask, scale, visprune::device::kernels());            \
+  });                                                                                             \
+  m.impl("dpp_map", [](const at::Tensor& x, const at::Tensor& relevance, int64_t k,               \
+                       const OptTensor& mask, double eps) {                                       \
+    return visprune::dpp_map(x, relevance, k, mask, eps, visprune::device::kernels());            \
   })
 
 TORCH_LIBRARY_IMPL(visprune, CPU, m) { VISPRUNE_IMPL_OPS(m, cpu); }

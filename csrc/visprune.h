@@ -69,6 +69,12 @@ struct Kernels {
                                    const at::Tensor& start, int64_t length, Queries queries,
                                    const c10::optional<at::Tensor>& query_mask, Heads heads,
                                    const c10::optional<at::Tensor>& key_mask, double scale);
+  // int64[B, k] greedy MAP of the conditional DPP L = diag(r) S diag(r) (S the cosine matrix of
+  // the tokens, P prepared for the cosine metric; contiguous float32 r[B, N]) among the True
+  // tokens of mask, in selection order (visprune.methods.cdpruner.dpp_map); B > 0, k > 0.  `need`
+  // as for greedy.  Null where the device has no kernel (CUDA: the Triton backend serves it).
+  at::Tensor (*dpp_map)(const Prepared& P, const at::Tensor& relevance, int64_t k,
+                        const c10::optional<at::Tensor>& mask, double eps, Count need);
 };
 
 namespace cpu {

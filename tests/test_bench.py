@@ -184,3 +184,18 @@ def test_bench_attention_quick(tmp_path):
     assert row["op_ms"] > 0 and row["eager_ms"] > 0 and row["op_runs"] == row["eager_runs"] == 3
     assert row["max_abs_diff"] < 1e-4 * max(1.0, row["max_abs_value"])
     assert row["eager_bytes_computed"] > 50 * row["op_bytes_computed"]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "cdpruner"])
+def test_bench_method_vs_original(method, capsys):
+    """benchmarks/bench_<method>.py: checks that visprune and the original's code path pick the
+    same tokens (it exits otherwise), then prints the side-by-side table."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{method}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{method}", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--reps", "1"])
+    table = capsys.readouterr().out
+    assert table.count("\n| 1 |") == 1 and table.count("\n| 8 |") == 1, table

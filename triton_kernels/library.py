@@ -13,7 +13,7 @@ from torch import Tensor
 
 from visprune import oplib
 
-from . import attention, gather, greedy, mi_scores as _mi, prune as _prune
+from . import attention, dpp, gather, greedy, mi_scores as _mi, prune as _prune
 
 _NS = "visprune_triton"
 
@@ -51,7 +51,13 @@ def _received_attention_op(q: Tensor, k: Tensor, start: Tensor, length: int, que
                                         key_mask, scale)
 
 
+@torch.library.custom_op(f"{_NS}::dpp_map", mutates_args=())
+def _dpp_map_op(x: Tensor, relevance: Tensor, k: int, mask: Optional[Tensor], eps: float) -> Tensor:
+    return dpp.dpp_map(x, relevance, k, mask, eps)
+
+
 oplib.register(_NS)
 _ops = oplib.positional(_NS)
-mi_scores, greedy_select, gather_compact, prune, received_attention = (
-    _ops.mi_scores, _ops.greedy_select, _ops.gather_compact, _ops.prune, _ops.received_attention)
+mi_scores, greedy_select, gather_compact, prune, received_attention, dpp_map = (
+    _ops.mi_scores, _ops.greedy_select, _ops.gather_compact, _ops.prune, _ops.received_attention,
+    _ops.dpp_map)

@@ -45,3 +45,4 @@ if _C is not None:
     mi_scores, greedy_select = _ops.mi_scores, _ops.greedy_select
     gather_compact, prune = _ops.gather_compact, _ops.prune
     received_attention = _ops.received_attention
+    dpp_map = _ops.dpp_map                 # CDPruner's DPP MAP (visprune.methods.cdpruner)

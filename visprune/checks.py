@@ -62,6 +62,17 @@ def matching(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, layou
     same_device(ref_name, ref, name, t)
 
 
+def cls_qk(q, k) -> None:
+    """``q``, ``k``: a vision layer's ``q_proj`` / ``k_proj`` outputs ``[B, N+1, C]`` (CLS
+    first), of one shape, device and dtype."""
+    tensor("q", q, 3, "[B, N+1, C]")
+    tensor("k", k, 3, "[B, N+1, C]")
+    if q.shape != k.shape:
+        raise ValueError(f"k must have the shape of q [B, N+1, C] = {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    matching("k", k, "q", q, "[B, N+1, C]", 3)
+
+
 def bool_mask(name: str, mask, ref_name: str, ref: torch.Tensor, shape: Tuple[int, int],
               layout: str) -> Optional[torch.Tensor]:
     """``None`` or a ``bool`` tensor of ``shape`` on ``ref``'s device."""

@@ -37,6 +37,10 @@ def _received_attention_fake(q, k, start, length, queries, query_mask, heads, ke
     return q.new_empty((q.shape[0], length), dtype=torch.float32)
 
 
+def _dpp_map_fake(x, relevance, k, mask, eps):
+    return x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
 def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
     from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
@@ -66,6 +70,7 @@ def register(ns: str) -> None:
     torch.library.register_fake(f"{ns}::gather_compact")(_gather_compact_fake)
     torch.library.register_fake(f"{ns}::prune")(_prune_fake)
     torch.library.register_fake(f"{ns}::received_attention")(_received_attention_fake)
+    torch.library.register_fake(f"{ns}::dpp_map")(_dpp_map_fake)
     _register_gather_grad(f"{ns}::gather_compact", 4)
     _register_gather_grad(f"{ns}::prune", 9)
 
@@ -75,7 +80,8 @@ def positional(ns: str) -> SimpleNamespace:
     calling ``torch.ops.<ns>`` with the reference's positional signatures (``start="auto"`` is -1
     in the schemas; ``prune`` takes the stage-1 survivor count,
     :func:`visprune.common.stage1_count`; ``received_attention`` takes ``start`` as an int64
-    tensor ``[B]``, and its query-row mask as ``queries="mask"`` plus the mask)."""
+    tensor ``[B]``, and its query-row mask as ``queries="mask"`` plus the mask), and CDPruner's
+    ``dpp_map(x, relevance, k, mask, eps)`` (:mod:`visprune.methods.cdpruner`)."""
     ops = getattr(torch.ops, ns)
 
     def mi_scores(visual, text, text_mask=None, metric="l2"):
@@ -99,6 +105,9 @@ def positional(ns: str) -> SimpleNamespace:
                                       rows, heads, key_mask,
                                       q.shape[-1] ** -0.5 if scale is None else scale)
 
+    def dpp_map(x, relevance, k, mask, eps):
+        return ops.dpp_map(x, relevance, k, mask, eps)
+
     return SimpleNamespace(mi_scores=mi_scores, greedy_select=greedy_select,
                            gather_compact=gather_compact, prune=prune,
-                           received_attention=received_attention)
+                           received_attention=received_attention, dpp_map=dpp_map)

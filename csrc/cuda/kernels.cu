@@ -550,7 +550,8 @@ at::Tensor mi_scores(const Prepared& V, const Prepared& T,
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{&mi_scores, &greedy, &gather_rows, /*received_attention=*/nullptr};
+  static const Kernels k{&mi_scores, &greedy, &gather_rows, /*received_attention=*/nullptr,
+                         /*dpp_map=*/nullptr};
   return k;
 }
 

@@ -204,6 +204,7 @@ def calls():
     similarity_variance = _launcher("holov", "similarity_variance")
     merge = _launcher("prumerge", "merge")
     gram_max_n = getattr(greedy, "GRAM_MAX_N", 4096)
+    dpp = importlib.import_module("visprune.triton_kernels.dpp")
     received_attention = _launcher("attention", "received_attention")
 
     for (shape, N, D, M, keep), dtype in itertools.product(SHAPES, DTYPES):
@@ -242,6 +243,12 @@ def calls():
                    f"mask={m is not None}",
                    lambda tm=tm, m=m, mi_metric=mi_metric, objective=objective, metric=metric:
                    prune(x, text, keep, stage1, tm, m, mi_metric, objective, metric))
+
+        relevance = torch.empty(1, N, dtype=torch.float32)
+        dpp_paths = ["auto", "stream"] + (["gram"] if N <= dpp.GRAM_MAX_N else [])
+        for m, path in itertools.product((None, mask), dpp_paths):
+            yield (f"cdpruner.dpp_map {tag} mask={m is not None} path={path}",
+                   lambda m=m, path=path: dpp.dpp_map(x, relevance, keep, m, 1e-4, path=path))
 
         for crops in HOLOV_CROPS:
             yield (f"holov.similarity_variance {tag} crops={crops}",

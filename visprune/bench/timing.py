@@ -147,6 +147,16 @@ def measure(fns: Dict[str, Callable[[], Any]], device: torch.device, *, min_reps
     return {n: Timing(samples[n], inner[n]) for n in names}
 
 
+def medians(fns: List[Callable[[], Any]], device: torch.device, reps: int) -> List[float]:
+    """Median seconds per call of each of ``fns`` (warmed up once here), :func:`measure`d side
+    by side for exactly ``reps`` repetitions: the scripts that time a method against its
+    original's code path."""
+    for fn in fns:
+        fn()
+    timings = measure(dict(enumerate(fns)), device, min_reps=reps, max_reps=reps)
+    return [timings[i].median for i in range(len(fns))]
+
+
 def device_limits(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
     """GPU only: the measured device-to-device copy bandwidth and matmul throughput of this run."""
     if device.type != "cuda":

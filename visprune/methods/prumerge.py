@@ -27,12 +27,7 @@ def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     ``q``, ``k``: ``[B, N+1, C]``, the raw ``q_proj`` / ``k_proj`` outputs of CLIP's last layer
     (CLS first) taken as one C-wide head, as the original does.  Only the CLS row is computed.
     """
-    checks.tensor("q", q, 3, "[B, N+1, C]")
-    checks.tensor("k", k, 3, "[B, N+1, C]")
-    if q.shape != k.shape:
-        raise ValueError(f"k must have the shape of q [B, N+1, C] = {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
-    checks.matching("k", k, "q", q, "[B, N+1, C]", 3)
+    checks.cls_qk(q, k)
     if q.shape[1] < 2:
         raise ValueError(f"q and k need the CLS token and at least one patch (N+1 >= 2), "
                          f"got N+1={q.shape[1]}")

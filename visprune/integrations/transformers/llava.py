@@ -46,16 +46,22 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from ... import checks, methods
+from ... import checks, methods, ops
 from ...backends import checked_name
 from ...common import stage1_count
 
 __all__ = ["PruningHandle", "METHODS", "image_token_counts"]
 
-METHODS = ("trimtokenator", "divprune", "prumerge", "holov")
-_NEEDS_CLS = ("prumerge", "holov")
+METHODS = ("trimtokenator", "divprune", "prumerge", "holov", "visionzip", "vispruner",
+           "cdpruner")
+# Methods that read the prompt's text (its input embeddings).
+_NEEDS_TEXT = ("trimtokenator", "cdpruner")
+_NEEDS_CLS = ("prumerge", "holov", "visionzip", "vispruner")
+# Methods that select (and merge) the CLIP features before the projector, as their originals.
+_PRE_PROJECTOR = ("prumerge", "visionzip", "vispruner")
 # Method arguments the integration fills in from the model; the others are the caller's.
-_SUPPLIED = {"visual", "text", "keep", "text_mask", "mask", "features", "attn", "cls_attn", "keys"}
+_SUPPLIED = {"visual", "text", "keep", "text_mask", "mask", "features", "attn", "cls_attn", "keys",
+             "cls_token", "relevance", "image_embeds", "text_embeds"}
 # Arguments of a model call that describe the images and the prompt: pruning consumes them.
 _PROMPT_ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "labels",
                 "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -158,6 +164,10 @@ class PruningHandle:
                 raise ValueError(f"{method} needs the vision tower's CLS attention, but "
                                  f"{type(tower).__name__} has no CLS token")
             self._layers = encoder.encoder.layers
+        if method == "visionzip" and self._next:
+            raise NotImplementedError("visionzip is supported on LLaVA-1.5 "
+                                      "(LlavaForConditionalGeneration) only: its original "
+                                      "rearranges LLaVA-NeXT's crops in its own layout")
         if method == "trimtokenator":
             self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
                 "stage1_keep", inspect.signature(fn).parameters["stage1_keep"].default))
@@ -208,8 +218,16 @@ class PruningHandle:
             return self._fn(visual, text, self.keep, text_mask=text_mask, **kw)
         if self.method == "divprune":
             return self._fn(visual, self.keep, **kw)
-        if self.method == "holov":
+        if self.method == "cdpruner":
+            # The original's relevance, mean over the text of -cos(image, text), with the LLM's
+            # input embeddings of the prompt in place of CLIP's text tower (not in LLaVA).
+            relevance = -ops.mi_scores(visual, text, text_mask=text_mask, metric="cosine",
+                                       backend=kw.get("backend"))
+            return self._fn(visual, self.keep, relevance=relevance, **kw)
+        if self.method in ("holov", "vispruner"):
             return self._fn(visual, attn, self.keep, **kw)
+        if self.method == "visionzip":
+            return self._fn(visual, attn, keys, self.keep, **kw)
         return self._fn(visual, attn, keys, **kw)
 
     def _dry_run(self) -> None:
@@ -253,7 +271,11 @@ class PruningHandle:
             attention = self._layers[layer].self_attn
             hooks += [attention.q_proj.register_forward_hook(output_as("q")),
                       attention.k_proj.register_forward_hook(output_as("k"))]
-        if self.method == "prumerge":          # the projector's input: the selected CLIP features
+        if self.method == "visionzip":         # the CLS token's features at that layer
+            hooks.append(self._layers[layer].register_forward_hook(
+                lambda module, args, output: got.__setitem__(
+                    "cls", (output[0] if isinstance(output, tuple) else output)[:, 0])))
+        if self.method in _PRE_PROJECTOR:      # the projector's input: the selected CLIP features
             hooks.append(self.model.model.multi_modal_projector.register_forward_pre_hook(
                 lambda module, args: got.__setitem__("pre", args[0])))
         try:
@@ -264,15 +286,18 @@ class PruningHandle:
 
     def _attention_layer(self, feature_layer) -> Optional[int]:
         """The vision layer whose CLS attention the method reads: PruMerge the last (as the
-        original), HoloV the one that outputs the selected features (``vision_feature_layer``)."""
+        original), HoloV, VisionZip and VisPruner the one that outputs the selected features
+        (``vision_feature_layer``)."""
         if self.method == "prumerge":
             return len(self._layers) - 1
-        if self.method == "holov":
+        if self.method in ("holov", "visionzip", "vispruner"):
             if not isinstance(feature_layer, int):
-                raise ValueError(f"holov needs one vision_feature_layer, got {feature_layer!r}")
+                raise ValueError(f"{self.method} needs one vision_feature_layer, got "
+                                 f"{feature_layer!r}")
             layer = feature_layer % (len(self._layers) + 1) - 1
             if layer < 0:
-                raise ValueError("holov needs a vision_feature_layer after the embeddings")
+                raise ValueError(f"{self.method} needs a vision_feature_layer after the "
+                                 f"embeddings")
             return layer
         return None
 
@@ -328,10 +353,10 @@ class PruningHandle:
         padding = (torch.zeros_like(is_image) if attention_mask is None
                    else attention_mask == 0)
         text_mask = ~is_image & ~padding
-        if self.method == "trimtokenator":
+        if self.method in _NEEDS_TEXT:
             empty = sorted(set(row.tolist()) - set(text_mask.any(1).nonzero()[:, 0].tolist()))
             if empty:
-                raise ValueError(f"trimtokenator needs text tokens next to every image; row(s) "
+                raise ValueError(f"{self.method} needs text tokens next to every image; row(s) "
                                  f"{empty} have none (padding and placeholders do not count)")
 
         # 2. Encode the images, capturing what the method reads from the vision tower.
@@ -367,18 +392,25 @@ class PruningHandle:
                       row) -> List[torch.Tensor]:
         """The kept features ``[k_i, D]`` of every image; images with the same token count are
         pruned in one batched call."""
-        if self.method == "prumerge":
-            # PruMerge merges the vision features before the projector, as the original; an
-            # image-newline token has no vision feature nor CLS attention and is not kept.
+        if self.method in _PRE_PROJECTOR:
+            # PruMerge and VisionZip select and merge the vision features before the projector,
+            # as their originals; an image-newline token has no vision feature nor CLS attention
+            # and is not kept.
             sources = [s[s >= 0] for s in sources]
             pre = got["pre"].flatten(0, 1)
-        if self.method in _NEEDS_CLS:
+        if self.method == "visionzip":
+            # the CLS attention summed over heads, the keys averaged over heads (the original)
+            attn, keys = methods.visionzip_attention(got["q"], got["k"],
+                                                     self._layers[0].self_attn.num_heads)
+            attn, keys = attn.flatten(), keys.flatten(0, 1)
+        elif self.method in _NEEDS_CLS:
             q, k = got["q"], got["k"]
-            # PruMerge's original takes q and k as one C-wide head; HoloV averages the heads
+            # PruMerge's original takes q and k as one C-wide head; HoloV and VisPruner average
+            # the heads
             heads = 1 if self.method == "prumerge" else self._layers[0].self_attn.num_heads
             attn = _cls_attention(q, k, heads).flatten()
             keys = k[:, 1:].flatten(0, 1)
-        if self.method == "trimtokenator":
+        if self.method in _NEEDS_TEXT:
             embeds = self.model.get_input_embeddings()(input_ids)
 
         groups: Dict[int, List[int]] = {}
@@ -388,19 +420,21 @@ class PruningHandle:
         for members in groups.values():
             src = torch.stack([sources[j] for j in members]).to(features[0].device)
             inputs = {}
-            if self.method == "prumerge":
+            if self.method in _PRE_PROJECTOR:
                 visual = pre[src]
             else:
                 visual = torch.stack([features[j] for j in members])
             if self.method in _NEEDS_CLS:
                 inputs["attn"] = torch.where(src >= 0, attn[src.clamp(min=0)], 0.0)
                 inputs["keys"] = keys[src.clamp(min=0)]
-            if self.method == "trimtokenator":
+            if self.method in _NEEDS_TEXT:
                 rows = row[members]
                 inputs.update(text=embeds[rows], text_mask=text_mask[rows])
+            if self.method == "visionzip":           # each image is one crop (LLaVA-1.5)
+                inputs["cls_token"] = got["cls"][src[:, 0] // self._crop_tokens].to(visual.dtype)
             result = self._call(visual, **inputs)
             tokens = result.tokens
-            if self.method == "prumerge":
+            if self.method in _PRE_PROJECTOR:
                 tokens = self.model.model.multi_modal_projector(tokens)
             for i, (j, n) in enumerate(zip(members, result.lengths.tolist())):
                 kept[j] = tokens[i, :n]
