@@ -186,7 +186,7 @@ def test_bench_attention_quick(tmp_path):
     assert row["eager_bytes_computed"] > 50 * row["op_bytes_computed"]
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner", "cdpruner"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "cdpruner", "dart"])
 def test_bench_method_vs_original(method, capsys):
     """benchmarks/bench_<method>.py: checks that visprune and the original's code path pick the
     same tokens (it exits otherwise), then prints the side-by-side table."""

@@ -121,7 +121,7 @@ def test_batch_equals_rows_alone(llava, method, side):
     assert tokens.shape == (len(BATCH), inputs["input_ids"].shape[1] + 3)
 
 
-@pytest.mark.parametrize("method", ["vispruner", "cdpruner"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "cdpruner"])
 def test_on_llava_next(llava_next, method):
     prompts = [[1, "<image>", 5, 6], [2, 3, "<image>", 4]]
     inputs = _batch(llava_next, prompts)
@@ -130,8 +130,3 @@ def test_on_llava_next(llava_next, method):
         assert [len(k) for k in kept] == [7, 7]
         tokens = llava_next.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)
-
-
-def test_visionzip_refuses_llava_next(llava_next):
-    with pytest.raises(NotImplementedError, match="visionzip is supported on LLaVA-1.5"):
-        visprune.enable(llava_next, "visionzip", 6)

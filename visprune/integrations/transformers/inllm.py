@@ -261,10 +261,13 @@ class DART:
             claims = torch.tensor([self.claims(n) for n in s.counts], device=keys.device)
             which = torch.where(image, s.image, -1).amax(1)             # the image's id, or -1
             t = torch.where(which >= 0, claims[which.clamp(min=0)], 0)
+            # every token's cosine to every pivot, [B, W, P], in one product
+            pivot_units = unit.gather(1, pivots.clamp(max=W - 1)[..., None].expand(
+                -1, -1, unit.shape[-1]))
+            cosines = torch.bmm(unit, pivot_units.transpose(1, 2))
             for j in range(pivots.shape[1]):
-                p = pivots[:, j]
-                has = p < W
-                cos = (unit * unit[rows, p.clamp(max=W - 1)][:, None]).sum(-1)
+                has = pivots[:, j] < W
+                cos = cosines[:, :, j]
                 claimed = _top(-cos, pool, t) if int(t.max()) else None
                 if claimed is None:
                     break

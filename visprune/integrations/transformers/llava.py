@@ -164,10 +164,6 @@ class PruningHandle:
                 raise ValueError(f"{method} needs the vision tower's CLS attention, but "
                                  f"{type(tower).__name__} has no CLS token")
             self._layers = encoder.encoder.layers
-        if method == "visionzip" and self._next:
-            raise NotImplementedError("visionzip is supported on LLaVA-1.5 "
-                                      "(LlavaForConditionalGeneration) only: its original "
-                                      "rearranges LLaVA-NeXT's crops in its own layout")
         if method == "trimtokenator":
             self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
                 "stage1_keep", inspect.signature(fn).parameters["stage1_keep"].default))
@@ -430,7 +426,7 @@ class PruningHandle:
             if self.method in _NEEDS_TEXT:
                 rows = row[members]
                 inputs.update(text=embeds[rows], text_mask=text_mask[rows])
-            if self.method == "visionzip":           # each image is one crop (LLaVA-1.5)
+            if self.method == "visionzip":   # the CLS token of the image's (base) first crop
                 inputs["cls_token"] = got["cls"][src[:, 0] // self._crop_tokens].to(visual.dtype)
             result = self._call(visual, **inputs)
             tokens = result.tokens
