@@ -23,6 +23,12 @@ METHODS = [("fastv", dict(keep=5, layer=1)), ("fastv", dict(keep=0.5, layer=1)),
 IDS = ["fastv", "fastv-fraction", "fitprune", "dart"]
 
 
+def _positions(inputs):
+    """Each row's tokens at positions 0, 1, ... whatever its padding, as ``generate`` numbers
+    them (DART's key norms, as RoPE rotates them, depend on the absolute position)."""
+    return (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+
+
 def _one(model, inputs, r):
     """Row ``r`` of a batch built by ``_batch`` as a batch of one, without its padding."""
     keep = inputs["attention_mask"][r].bool()
@@ -43,6 +49,7 @@ def _one(model, inputs, r):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_equals_rows_alone(llava, method, kw, side):
     inputs = _batch(llava, ROWS, side=side)
+    inputs["position_ids"] = _positions(inputs)
     with visprune.enable(llava, method, **kw) as h, torch.no_grad():
         out = llava(**inputs).logits
         positions = h.positions.clone()
@@ -69,14 +76,19 @@ def test_batch_equals_rows_alone(llava, method, kw, side):
     assert ((~kept_images) & (positions >= 0)).sum(1).tolist() == text.sum(1).tolist()
 
 
-def test_llava_next_multi_image_rows(llava_next):
+@pytest.mark.parametrize("method,kw,per_image", [
+    ("fastv", dict(keep=4, layer=1), 4),
+    ("dart", dict(keep=8, layer=1, pivot_image=2, pivot_text=2), 2 + 4 * 2),
+], ids=["fastv", "dart"])
+def test_llava_next_multi_image_rows(llava_next, method, kw, per_image):
     rows = [[5, "<image>", 6, "<image>", 7, 8], [9, "<image>", 10, 11]]
     inputs = _batch(llava_next, rows, side="left")
-    with visprune.enable(llava_next, "fastv", keep=4, layer=1) as h, torch.no_grad():
+    inputs["position_ids"] = _positions(inputs)
+    with visprune.enable(llava_next, method, **kw) as h, torch.no_grad():
         out = llava_next(**inputs).logits
         image = inputs["input_ids"] == IMAGE
         kept = image.gather(1, h.positions.clamp(min=0)) & (h.positions >= 0)
-        assert kept.sum(1).tolist() == [8, 4]
+        assert kept.sum(1).tolist() == [2 * per_image, per_image]
         for r in range(2):
             alone = llava_next(**_one(llava_next, inputs, r)).logits
             torch.testing.assert_close(out[r, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
