@@ -343,3 +343,90 @@ def test_calibrate_needs_text_after_the_image(llava):
         visprune.fitprune.calibrate(llava, [_batch(llava, [[5, "<image>"]])], 0.5,
                                     progress=False)
     assert llava.config.text_config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 150, 151, 152
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """A tiny random Qwen2.5-VL (2×2 patch merger, 3-D M-RoPE, GQA), fp32."""
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=64, fullatt_block_indexes=[1], window_size=56),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=200,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                          "rope_theta": 10000.0}),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_inputs(rows, grids, seed=0):
+    """Left-padded rows of text ids with one image each (``grids``: their ``[t, h, w]``)."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor(grids)
+    tokens = (grids.prod(-1) // 4).tolist()
+    rows = [r[:2] + [QWEN_START] + [QWEN_IMAGE] * n + r[2:] for r, n in zip(rows, tokens)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=ids, attention_mask=mask, image_grid_thw=grids,
+                pixel_values=torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g),
+                mm_token_type_ids=(ids == QWEN_IMAGE).int())
+
+
+def _qwen_row(inputs, r):
+    keep = inputs["attention_mask"][r].bool()
+    grids = inputs["image_grid_thw"]
+    start = int(grids[:r].prod(-1).sum())
+    ids = inputs["input_ids"][r:r + 1, keep]
+    return dict(input_ids=ids, attention_mask=inputs["attention_mask"][r:r + 1, keep],
+                image_grid_thw=grids[r:r + 1], mm_token_type_ids=(ids == QWEN_IMAGE).int(),
+                pixel_values=inputs["pixel_values"][start:start + int(grids[r].prod())])
+
+
+@pytest.mark.parametrize("method,kw,kept", [
+    ("fastv", dict(keep=3, layer=1), [3, 3]),
+    ("fitprune", dict(recipe={0: 2, 1: 1}), [6 - 3, 9 - 3]),
+    ("dart", dict(keep=4, layer=2, pivot_image=1, pivot_text=1), [5, 5]),
+], ids=["fastv", "fitprune", "dart"])
+def test_qwen25_vl_generate_batch_equals_rows_alone(qwen, method, kw, kept):
+    """Images of two sizes (6 and 9 merged tokens), left padding, 3-D M-RoPE positions kept,
+    generation with the per-layer cache: each row generates what it generates alone."""
+    inputs = _qwen_inputs([[3, 4, 5, 6, 7, 8], [9, 10, 11]], [[1, 4, 6], [1, 6, 6]])
+    steps = 4
+    with visprune.enable(qwen, method, **kw) as h, torch.no_grad():
+        out = qwen.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+        image = inputs["input_ids"] == QWEN_IMAGE
+        assert (image.gather(1, h.positions.clamp(min=0)) & (h.positions >= 0)).sum(1).tolist() \
+            == kept
+        for r in range(2):
+            alone = qwen.generate(**_qwen_row(inputs, r), max_new_tokens=steps, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+            assert out.sequences[r, -steps:].tolist() == alone.sequences[0, -steps:].tolist()
+            for t in range(steps):
+                torch.testing.assert_close(out.logits[t][r], alone.logits[t][0], atol=1e-5,
+                                           rtol=1e-5)
+
+
+def test_qwen25_vl_video(qwen):
+    """A video (2 temporal patches of a 4×4 grid: 8 merged tokens, one placeholder run) is
+    pruned like an image."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[3, 4, QWEN_START] + [QWEN_VIDEO] * 8 + [5, 6]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  video_grid_thw=torch.tensor([[2, 4, 4]]),
+                  pixel_values_videos=torch.randn(32, 3 * 2 * 14 * 14, generator=g),
+                  mm_token_type_ids=(ids == QWEN_VIDEO).int() * 2)
+    with visprune.enable(qwen, "fastv", keep=0.25, layer=1) as h, torch.no_grad():
+        logits = qwen(**inputs).logits
+        assert logits.shape[1] == ids.shape[1] - 6
+        assert int((ids[0, h.positions[0]] == QWEN_VIDEO).sum()) == 2
+        qwen.generate(**inputs, max_new_tokens=2, do_sample=False)

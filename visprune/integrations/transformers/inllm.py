@@ -1,9 +1,9 @@
-"""In-LLM visual-token pruning (FastV, FitPrune, DART) for transformers' LLaVA models.
+"""In-LLM visual-token pruning (FastV, FitPrune, DART) for transformers' LLaVA and Qwen2.5-VL.
 
 ``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` /
-``enable(model, "dart", keep=..., layer=K)`` make
-a ``LlavaForConditionalGeneration`` (LLaVA-1.5) or ``LlavaNextForConditionalGeneration``
-(LLaVA-NeXT) drop visual tokens *between decoder layers* of its language model during the
+``enable(model, "dart", keep=..., layer=K)`` make a ``LlavaForConditionalGeneration``
+(LLaVA-1.5), ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT) or
+``Qwen2_5_VLForConditionalGeneration`` (images and videos, 3-D M-RoPE) drop visual tokens *between decoder layers* of its language model during the
 prefill, scored by the attention they receive (FastV, FitPrune) or by their keys and hidden
 states (DART).  The layers keep their attention implementation
 (``sdpa`` or ``eager``); the statistics come from :func:`visprune.ops.received_attention` on
@@ -35,7 +35,8 @@ import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
-from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (DynamicCache, LlavaForConditionalGeneration,
+                          LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -46,7 +47,8 @@ from .llava import _ENABLED, _bind, image_token_counts
 __all__ = ["InLLMHandle", "INLLM_METHODS"]
 
 INLLM_METHODS = ("fastv", "fitprune", "dart")
-_SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
+_SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+              Qwen2_5_VLForConditionalGeneration)
 _INNER = ("sdpa", "eager")
 # attention module -> (engine, layer index): who observes which layer's queries and keys
 _OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -405,7 +407,7 @@ class InLLMHandle:
                              f"attention, got {implementation!r}; load the model with "
                              f"attn_implementation='sdpa'")
         checked_name(self.backend, model.device)
-        if not isinstance(model, LlavaNextForConditionalGeneration):
+        if isinstance(model, LlavaForConditionalGeneration):
             rule.check(image_token_counts(model, 1, None))   # LLaVA-1.5: one size for all
         self.model, self.method, self.rule = model, method, rule
         self.positions: Optional[torch.Tensor] = None
@@ -454,8 +456,9 @@ class InLLMHandle:
 
     # ------------------------------------------------------------------ the model call
     def _check_call(self, module, args, kwargs):
-        images = kwargs.get("pixel_values") is not None or len(args) > 1 \
-            or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        images = any(kwargs.get(name) is not None for name in ("pixel_values",
+                                                               "pixel_values_videos")) \
+            or any((kwargs.get("mm_encoder_outputs") or {}).values())
         if images and kwargs.get("labels") is not None:
             raise NotImplementedError(f"{self.method} shortens the sequence inside the language "
                                       f"model, so the logits no longer line up with labels: "
@@ -465,7 +468,7 @@ class InLLMHandle:
         a = _bind(self._signature, args, kwargs)
         cache = a.get("cache", a.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        images = _image_counts(self.model, a) is not None
+        images = bool(_image_counts(self.model, a) or _video_counts(self.model, a))
         self._pending = None
         if past:                                         # decoding, or a continued prompt
             if images:
@@ -502,17 +505,26 @@ class InLLMHandle:
         """Each image's placeholder run in the prompt, and the rule's budget check."""
         input_ids, mask = a["input_ids"], a.get("attention_mask")
         config = self.model.config
-        counts = _image_counts(self.model, a)
-        is_image = input_ids == config.image_token_id
-        if int(is_image.sum()) != sum(counts):
-            raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholder tokens, but "
-                             f"the {len(counts)} image(s) have {counts} visual tokens")
+        counts, videos = _image_counts(self.model, a), _video_counts(self.model, a)
+        image = torch.full_like(input_ids, -1)
+        for name, unit, token, these in (("image", "image(s)", "image_token_id", counts),
+                                         ("video", "video(s)", "video_token_id", videos)):
+            token_id = getattr(config, token, None)
+            is_unit = input_ids == token_id if token_id is not None \
+                else torch.zeros_like(input_ids, dtype=torch.bool)
+            if int(is_unit.sum()) != sum(these):
+                raise ValueError(f"input_ids hold {int(is_unit.sum())} {name} placeholder tokens, "
+                                 f"but the {len(these)} {unit} have {these} visual tokens")
+            if these:   # placeholders are filled in (row, position) order, one run per unit
+                ends = torch.tensor(these, device=input_ids.device).cumsum(0)
+                rank = is_unit.flatten().cumsum(0).view_as(is_unit) - 1
+                offset = len(counts) if name == "video" else 0
+                image = torch.where(is_unit, torch.bucketize(rank, ends, right=True) + offset,
+                                    image)
+        counts = counts + videos
         self.rule.check(counts)
-        ends = torch.tensor(counts, device=input_ids.device).cumsum(0)
-        rank = is_image.flatten().cumsum(0).view_as(is_image) - 1
-        image = torch.bucketize(rank, ends, right=True)
-        image = torch.where(is_image, image, -1)
-        valid = (torch.ones_like(is_image) if mask is None else mask.bool()) | is_image
+        valid = (torch.ones_like(image, dtype=torch.bool) if mask is None else mask.bool()) \
+            | (image >= 0)
         return _Prefill(image, valid, counts)
 
     # ------------------------------------------------------------------ the layers
@@ -637,18 +649,33 @@ class InLLMHandle:
         self._run = None
 
 
-def _image_counts(model, a) -> Optional[List[int]]:
-    """Each image's token count in a call with images (``pixel_values``, or the pre-encoded
-    ``mm_encoder_outputs`` that ``generate`` passes), else None."""
+def _image_counts(model, a) -> List[int]:
+    """Each image's token count in a call (``pixel_values``, or the pre-encoded
+    ``mm_encoder_outputs`` that ``generate`` passes); ``[]`` without images."""
     encoded = (a.get("mm_encoder_outputs") or {}).get("image")
     if encoded is not None:
-        counts = [len(f) for f in encoded.pooler_output]
-    elif a.get("pixel_values") is not None:
-        counts = image_token_counts(model, a["pixel_values"].shape[0], a.get("image_sizes"),
-                                    a.get("vision_feature_select_strategy"))
-    else:
-        return None
-    return counts or None
+        return [len(f) for f in encoded.pooler_output]
+    if a.get("pixel_values") is None or a["pixel_values"].shape[0] == 0:
+        return []
+    if a.get("image_grid_thw") is not None:                  # Qwen: merged t·h·w patches
+        return _grid_counts(model, a["image_grid_thw"])
+    return image_token_counts(model, a["pixel_values"].shape[0], a.get("image_sizes"),
+                              a.get("vision_feature_select_strategy"))
+
+
+def _video_counts(model, a) -> List[int]:
+    """Each video's token count (Qwen2.5-VL: one placeholder run per video); ``[]`` without."""
+    encoded = (a.get("mm_encoder_outputs") or {}).get("video")
+    if encoded is not None:
+        return [len(f) for f in encoded.pooler_output]
+    if a.get("pixel_values_videos") is None or a.get("video_grid_thw") is None:
+        return []
+    return _grid_counts(model, a["video_grid_thw"])
+
+
+def _grid_counts(model, grid_thw) -> List[int]:
+    merge = model.config.vision_config.spatial_merge_size
+    return [int(n) for n in grid_thw.prod(-1) // merge ** 2]
 
 
 def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
