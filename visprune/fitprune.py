@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Union
@@ -266,11 +267,12 @@ def calibrate(model, samples: Iterable[Mapping], reduction: float, *, tol: float
     rule = _Calibration(layers)
     handle = InLLMHandle(model, "fitprune", None, {"recipe": {}, "backend": backend})
     handle.rule = rule
-    steps = 1 + max(1, int(torch.tensor(1.0 / tol).log2().ceil()))
+    steps = 1 + max(1, math.ceil(math.log2(1.0 / tol)))      # the reference pass + the search
     bar = tqdm(total=steps * len(samples), disable=not progress, desc="FitPrune calibration")
 
     def run_all():
-        rule.n_in.clear(), rule.deleted.clear()
+        rule.n_in.clear()
+        rule.deleted.clear()
         device = model.device
         for rule.sample, sample in enumerate(samples):
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sample.items()}

@@ -3,8 +3,8 @@
 ``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` /
 ``enable(model, "dart", keep=..., layer=K)`` make a ``LlavaForConditionalGeneration``
 (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT) or
-``Qwen2_5_VLForConditionalGeneration`` (images and videos, 3-D M-RoPE) drop visual tokens *between decoder layers* of its language model during the
-prefill, scored by the attention they receive (FastV, FitPrune) or by their keys and hidden
+``Qwen2_5_VLForConditionalGeneration`` (images and videos, 3-D M-RoPE) drop visual tokens
+*between decoder layers* of its language model during the prefill, scored by the attention they receive (FastV, FitPrune) or by their keys and hidden
 states (DART).  The layers keep their attention implementation
 (``sdpa`` or ``eager``); the statistics come from :func:`visprune.ops.received_attention` on
 the layer's own post-RoPE queries and keys, so no ``[B, H, L, L]`` map is ever formed.
@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ... import checks, ops
 from ...backends import checked_name
-from .llava import _ENABLED, _bind, image_token_counts
+from .llava import _ENABLED, Handle, _bind, image_token_counts
 
 __all__ = ["InLLMHandle", "INLLM_METHODS"]
 
@@ -122,11 +122,10 @@ def rank_in_image(score: torch.Tensor, image: torch.Tensor, descending: bool) ->
     by_image = torch.sort(image.gather(1, order), dim=1, stable=True)
     order = order.gather(1, by_image.indices)
     slot = torch.arange(W, device=score.device).expand(B, W)
-    first = torch.full((B, W), W, device=score.device, dtype=torch.long)
     ids = by_image.values
-    first = torch.where(torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool),
-                                   ids[:, 1:] != ids[:, :-1]], 1), slot, first)
-    first = torch.cummax(torch.where(first < W, first, -1), 1).values
+    starts = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool),
+                        ids[:, 1:] != ids[:, :-1]], 1)
+    first = torch.cummax(torch.where(starts, slot, 0), 1).values    # where each image's run starts
     return torch.empty_like(order).scatter_(1, order, slot - first)
 
 
@@ -249,36 +248,25 @@ class DART:
         states = (s.norm(s.hidden) if s.norm is not None else s.hidden).float()
         unit = states / states.norm(dim=-1, keepdim=True).clamp(min=1e-8)
         keep = torch.zeros_like(s.valid)
-        rows = torch.arange(B, device=keys.device)
+        claims = torch.tensor([self.claims(n) for n in s.counts], device=keys.device)
         for r in range(int(s.ordinal.max()) + 1):
             image, after = s.image_rows(r)
             img_pivots = _top(l1, image, self.pivot_image)             # [B, p] slots, -1: none
-            txt_pivots = _top(l1, after, self.pivot_text)
-            pivots = torch.cat([img_pivots, txt_pivots], 1)              # in index order;
+            pivots = torch.cat([img_pivots, _top(l1, after, self.pivot_text)], 1)
             pivots = torch.sort(torch.where(pivots >= 0, pivots, W), dim=1).values  # none: W
-            pool = image.clone()
-            pool[rows[:, None].expand_as(img_pivots)[img_pivots >= 0],
-                 img_pivots[img_pivots >= 0]] = False
-            kept = image & ~pool
-            claims = torch.tensor([self.claims(n) for n in s.counts], device=keys.device)
+            kept = _as_mask(img_pivots, W)
+            pool = image & ~kept
             which = torch.where(image, s.image, -1).amax(1)             # the image's id, or -1
             t = torch.where(which >= 0, claims[which.clamp(min=0)], 0)
-            # every token's cosine to every pivot, [B, W, P], in one product
-            pivot_units = unit.gather(1, pivots.clamp(max=W - 1)[..., None].expand(
-                -1, -1, unit.shape[-1]))
-            cosines = torch.bmm(unit, pivot_units.transpose(1, 2))
-            for j in range(pivots.shape[1]):
-                has = pivots[:, j] < W
-                cos = cosines[:, :, j]
-                claimed = _top(-cos, pool, t) if int(t.max()) else None
-                if claimed is None:
-                    break
-                claimed = torch.where(has[:, None], claimed, -1)
-                hit = torch.zeros_like(pool)
-                ok = claimed >= 0
-                hit[rows[:, None].expand_as(claimed)[ok], claimed[ok]] = True
-                pool &= ~hit
-                kept |= hit
+            if int(t.max()):
+                # every token's cosine to every pivot, [B, W, P], in one product
+                pivot_units = unit.gather(1, pivots.clamp(max=W - 1)[..., None].expand(
+                    -1, -1, unit.shape[-1]))
+                cosines = torch.bmm(unit, pivot_units.transpose(1, 2))
+                for j in range(pivots.shape[1]):            # in index order, from the pool left
+                    hit = _as_mask(_top(-cosines[:, :, j], pool & (pivots[:, j:j + 1] < W), t), W)
+                    pool &= ~hit
+                    kept |= hit
             keep |= kept
         return (s.image >= 0) & ~keep
 
@@ -298,6 +286,12 @@ def _top(score: torch.Tensor, allowed: torch.Tensor, k) -> torch.Tensor:
                        stable=True).indices[:, :K]
     ok = allowed.gather(1, order) & (torch.arange(K, device=score.device) < k[:, None])
     return torch.where(ok, order, -1)
+
+
+def _as_mask(slots: torch.Tensor, W: int) -> torch.Tensor:
+    """``bool[B, W]``: True at the ``slots[B, K]`` (entries -1 ignored)."""
+    mask = torch.zeros(slots.shape[0], W + 1, dtype=torch.bool, device=slots.device)
+    return mask.scatter_(1, torch.where(slots >= 0, slots, W), True)[:, :W]
 
 
 def _check_keep(method: str, keep) -> None:
@@ -350,7 +344,7 @@ class _Decode:
 
 
 # --------------------------------------------------------------------------- the handle
-class InLLMHandle:
+class InLLMHandle(Handle):
     """In-LLM pruning enabled on one model.  ``disable()`` (or the end of a ``with`` block)
     restores the model, its attention implementation included.
 
@@ -439,16 +433,6 @@ class InLLMHandle:
         self._lm.config._attn_implementation = self._implementation
         _ENABLED.pop(self.model, None)
         self.model = self._pending = self._run = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.model is not None
-
-    def __enter__(self) -> "InLLMHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.disable()
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"

@@ -115,14 +115,35 @@ def image_layout(model, images: int, image_sizes, strategy: str) -> List[torch.T
     return [p[:, 0].long() for p in packed]
 
 
-def image_token_counts(model, images: int, image_sizes, strategy: Optional[str] = None) -> List[int]:
+def image_token_counts(model, images: int, image_sizes,
+                       strategy: Optional[str] = None) -> List[int]:
     """How many placeholder tokens each of ``images`` images fills in the prompt."""
     if strategy is None:
         strategy = model.config.vision_feature_select_strategy
     return [len(s) for s in image_layout(model, images, image_sizes, strategy)]
 
 
-class PruningHandle:
+class Handle:
+    """What every pruning handle shares: ``enabled``, and ``with`` that disables at the end.
+    ``model`` is None once ``disable()`` ran."""
+
+    model = None
+
+    def disable(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disable()
+
+
+class PruningHandle(Handle):
     """Pruning enabled on one model.  ``disable()`` (or the end of a ``with`` block) restores it.
 
     ``prune_inputs(...)`` is the transformation the hooks apply; call it directly to drive the
@@ -191,16 +212,6 @@ class PruningHandle:
             self.model.__dict__["generate"] = self._own_generate
         _ENABLED.pop(self.model, None)
         self.model = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.model is not None
-
-    def __enter__(self) -> "PruningHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.disable()
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
