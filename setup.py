@@ -45,7 +45,7 @@ def _extension():
 
     force_cuda = _flag("VISPRUNE_FORCE_CUDA")
     with_cuda = force_cuda or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
-    sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/varlen.cpp"]
     # -ffp-contract=off: the kernels choose where FMA is used (see csrc/cpu/kernels.cpp).
     cxx_flags = ["-O3", "-ffp-contract=off"]
     link_flags = []
@@ -78,7 +78,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=["visprune", "visprune.methods", "visprune.integrations",
-              "visprune.integrations.transformers", "visprune.bench",
+              "visprune.integrations.transformers", "visprune.integrations.vllm",
+              "visprune.bench",
               "visprune.triton_kernels"],
     package_dir={"visprune.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,

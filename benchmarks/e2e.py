@@ -1,6 +1,7 @@
-"""End-to-end benchmark: a LLaVA-1.5 model with visprune.enable, unpruned vs pruned.
+"""End-to-end benchmark: a LLaVA-1.5 or Qwen2.5-VL model with visprune.enable, unpruned vs pruned.
 
     python benchmarks/e2e.py          # GPU if present (LLaVA-1.5-7B shapes, fp16), else tiny on CPU
+    python benchmarks/e2e.py --model qwen2_5_vl --visual video --keeps 0.25 0.11
     python benchmarks/e2e.py --device cpu --json e2e.json
     python benchmarks/e2e.py --batch 8 --new-tokens 64 --methods trimtokenator holov
     python benchmarks/e2e.py --methods fastv fitprune       # the in-LLM methods
@@ -24,6 +25,12 @@ In-LLM methods: ``fastv`` keeps ``keep`` tokens per image before layer 2 (``--fa
 per-layer deletions are summed onto the tiny model's layers, layer ``l`` of 32 onto
 ``l * layers // 32``); their ``kept`` is what the last layer sees and ``prune`` times the scoring
 (the ``received_attention`` calls and the selection) without the compaction.
+
+``--model qwen2_5_vl``: Qwen2.5-VL-7B's architecture (32-block windowed ViT with a 2×2 merger,
+28-layer width-3584 LLM with GQA and 3-D M-RoPE) on a GPU, a tiny one on a CPU; ``--visual
+image`` is one 504×504 image (36×36 patches, 324 merged tokens), ``--visual video`` a 16-frame
+336×476 clip (8×24×34 patches, 1,632 merged tokens).  ``--keeps`` are then fractions of each
+image's / clip's tokens (kept tokens keep their original M-RoPE positions).
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ except ImportError:
 import visprune
 
 IMAGE_TOKEN = 32000
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 151655, 151656, 151652
+QWEN_GRIDS = {"image": [1, 36, 36], "video": [8, 24, 34]}
 TEXT_TOKENS = 64            # prompt text around the image (the DESIGN's M)
 ADAPTIVE = {"prumerge": {}, "prumerge+": {"plus": True}}
 INLLM = ("fastv", "fitprune", "dart")
@@ -92,6 +101,56 @@ def build_model(device: torch.device, tiny: bool):
     return model.eval(), dtype
 
 
+def build_qwen(device: torch.device, tiny: bool):
+    """Qwen2.5-VL-7B's architecture with random weights, or a tiny CPU model."""
+    if tiny:
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                      out_hidden_size=256, fullatt_block_indexes=[1])
+        text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2)
+        dtype = torch.float32
+    else:
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4)
+        dtype = torch.float16
+    vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  tokens_per_second=2)
+    text.update(vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                 "rope_theta": 1e6} if not tiny else
+                {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6})
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text,
+                                           image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                                           vision_start_token_id=QWEN_START)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    return model.to(dtype).eval(), dtype
+
+
+def build_qwen_inputs(model, batch: int, dtype, device, visual: str):
+    g = torch.Generator().manual_seed(0)
+    t, h, w = QWEN_GRIDS[visual]
+    n = t * h * w // 4
+    token = QWEN_IMAGE if visual == "image" else QWEN_VIDEO
+    before = TEXT_TOKENS // 8
+    text = torch.randint(1, 32000, (batch, TEXT_TOKENS), generator=g)
+    ids = torch.cat([text[:, :before], torch.full((batch, 1), QWEN_START),
+                     torch.full((batch, n), token), text[:, before:]], 1)
+    pixels = torch.randn(batch * t * h * w, 3 * 2 * 14 * 14, generator=g).to(device, dtype)
+    grid = torch.tensor([[t, h, w]] * batch, device=device)
+    out = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+           "mm_token_type_ids": (ids == token).int().mul(1 if visual == "image" else 2).to(device)}
+    if visual == "image":
+        out.update(pixel_values=pixels, image_grid_thw=grid)
+    else:
+        out.update(pixel_values_videos=pixels, video_grid_thw=grid,
+                   second_per_grid_ts=torch.ones(batch, device=device))
+    return out
+
+
 def build_inputs(model, batch: int, dtype, device):
     g = torch.Generator().manual_seed(0)
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -125,7 +184,8 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
 def prune_time(handle, prefill, device, reps: int) -> float:
     """Median seconds per prefill spent in the pruning method itself."""
     spent = []
-    owner, attr = (handle.rule, "drop") if hasattr(handle, "rule") else (handle, "_call")
+    owner, attr = ((handle.rule, "drop") if hasattr(handle, "rule") else
+                   (handle, "_select" if hasattr(handle, "_select") else "_call"))
     call = getattr(owner, attr)
 
     def timed_call(*args, **kwargs):
@@ -153,10 +213,16 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tiny model on a GPU too")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--keeps", type=int, nargs="+", default=[64, 128, 192])
-    p.add_argument("--methods", nargs="+",
-                   default=["trimtokenator", "divprune", "holov", "prumerge", "prumerge+",
-                            "fastv", "fitprune", "dart"])
+    p.add_argument("--model", choices=("llava", "qwen2_5_vl"), default="llava")
+    p.add_argument("--visual", choices=("image", "video"), default="image",
+                   help="Qwen2.5-VL: one image or one video per prompt")
+    p.add_argument("--keeps", type=float, nargs="+", default=None,
+                   help="tokens kept per image (LLaVA, default 64 128 192) or fractions of "
+                        "each image's / clip's tokens (Qwen, default 0.25 0.11)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="default LLaVA: trimtokenator divprune holov prumerge prumerge+ fastv "
+                        "fitprune dart; Qwen: trimtokenator divprune holov vispruner cdpruner "
+                        "fastv dart")
     p.add_argument("--fastv-layer", type=int, default=2, help="FastV's and DART's layer")
     p.add_argument("--reps", type=int, default=10, help="prefill repetitions")
     p.add_argument("--gen-reps", type=int, default=3, help="generate repetitions")
@@ -166,10 +232,27 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = args.tiny or device.type == "cpu"
     torch.manual_seed(0)
-    model, dtype = build_model(device, tiny)
-    inputs = build_inputs(model, args.batch, dtype, device)
+    qwen = args.model == "qwen2_5_vl"
+    if qwen:
+        args.keeps = args.keeps or [0.25, 0.11]
+        args.methods = args.methods or ["trimtokenator", "divprune", "holov", "vispruner",
+                                        "cdpruner", "fastv", "dart"]
+        model, dtype = build_qwen(device, tiny)
+        inputs = build_qwen_inputs(model, args.batch, dtype, device, args.visual)
+        token = QWEN_IMAGE if args.visual == "image" else QWEN_VIDEO
+        t, h, w = QWEN_GRIDS[args.visual]
+        shape = (f"{'tiny Qwen2.5-VL' if tiny else 'Qwen2.5-VL-7B shapes, random weights'}, "
+                 f"one {args.visual} ({t * h * w // 4} merged tokens)")
+    else:
+        args.keeps = [int(k) for k in (args.keeps or [64, 128, 192])]
+        args.methods = args.methods or ["trimtokenator", "divprune", "holov", "prumerge",
+                                        "prumerge+", "fastv", "fitprune", "dart"]
+        model, dtype = build_model(device, tiny)
+        inputs = build_inputs(model, args.batch, dtype, device)
+        token = IMAGE_TOKEN
+        shape = ("tiny LLaVA-1.5 (576 visual tokens)" if tiny
+                 else "LLaVA-1.5-7B shapes, random weights")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    shape = "tiny LLaVA-1.5 (576 visual tokens)" if tiny else "LLaVA-1.5-7B shapes, random weights"
     print(f"# {shape}, {str(dtype).replace('torch.', '')}, {name}, batch {args.batch}, "
           f"{inputs['input_ids'].shape[1]} prompt tokens, {args.new_tokens} new tokens; "
           f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
@@ -206,12 +289,16 @@ def main(argv=None):
             t_prefill = timed(prefill, device, args.reps)
             t_gen = timed(generate, device, args.gen_reps)
             if handle is None:
-                kept, t_prune = inputs["input_ids"].eq(IMAGE_TOKEN).sum().item() / args.batch, 0.0
+                kept, t_prune = inputs["input_ids"].eq(token).sum().item() / args.batch, 0.0
             elif method in INLLM:
                 prefill()
                 positions = handle.positions
-                image = inputs["input_ids"].eq(IMAGE_TOKEN).gather(1, positions.clamp(min=0))
+                image = inputs["input_ids"].eq(token).gather(1, positions.clamp(min=0))
                 kept = (image & (positions >= 0)).sum().item() / args.batch
+                t_prune = prune_time(handle, prefill, device, args.reps)
+            elif qwen:
+                prefill()
+                kept = sum(len(k) for k in handle.kept) / len(handle.kept)
                 t_prune = prune_time(handle, prefill, device, args.reps)
             else:
                 with torch.no_grad():

@@ -302,6 +302,174 @@ at::Tensor dpp_map(const at::Tensor& x, const at::Tensor& relevance, int64_t k,
                    mask, eps, {k, "k"});
 }
 
+// --------------------------------------------------------------------------- varlen (ragged) ops
+// A packed x[T, D] holds B segments, segment b = rows [cu[b], cu[b+1]) (int32/int64 cu[B+1] on
+// x's device).  Its values (0 first, non-decreasing, T last) are visprune.ops' checks; the
+// kernels clamp them into [0, T].  Counts per segment come as int lists (their total sizes the
+// output, so a compiled graph knows it).
+
+// cu_seqlens: 1-D int32/int64 with B+1 >= 1 entries on x's device; returns it as int64.
+at::Tensor check_cu(const at::Tensor& x, const at::Tensor& cu) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
+                   "cu_seqlens must have dtype int32, int64, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1,
+                    "cu_seqlens must have shape [B+1] (at least one entry), got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == x.device(), "cu_seqlens is on ", cu.device(),
+                    " but the tokens are on ", x.device());
+  return cu.to(at::kLong).contiguous();
+}
+
+void check_mask1d(const c10::optional<at::Tensor>& mask, const at::Tensor& x) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must have dtype bool, got ",
+                   mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == x.size(0), "mask must have shape [T] = [",
+                    x.size(0), "], got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->device() == x.device(), "mask is on ", mask->device(),
+                    " but the tokens are on ", x.device());
+}
+
+// The cumulative counts [0, k0, k0+k1, ...] as a host int64 tensor [B+1]; every count >= 0.
+at::Tensor offsets(c10::IntArrayRef k, int64_t B, const char* name) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(k.size()) == B, name, " must have one count per segment (B=",
+                    B, "), got ", k.size());
+  at::Tensor ck = at::empty({B + 1}, at::kLong);
+  int64_t* c = ck.data_ptr<int64_t>();
+  c[0] = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(k[b] >= 0, name, " must be >= 0 in every segment, got ", k[b]);
+    c[b + 1] = c[b] + k[b];
+  }
+  return ck;
+}
+
+// bool[T]: the k[b] highest scores of each segment (the dense stage 1's order: NaN and -inf after
+// every real score, non-candidates last, ties to the lowest index), only where mask is True.
+// Two stable sorts of all T scores (by score, then by segment) serve every segment at once.
+at::Tensor varlen_topk_mask(const at::Tensor& score, const at::Tensor& cu, const at::Tensor& k,
+                            const c10::optional<at::Tensor>& mask) {
+  const int64_t T = score.size(0), B = cu.numel() - 1;
+  if (T == 0) return at::zeros({0}, score.options().dtype(at::kBool));
+  const float lowest = std::numeric_limits<float>::lowest();
+  at::Tensor key = at::nan_to_num(score, lowest, c10::nullopt, lowest);
+  if (mask.has_value()) key = key.masked_fill(~*mask, -std::numeric_limits<float>::infinity());
+  at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor seg = at::searchsorted(cu.slice(0, 1).contiguous(), order, /*out_int32=*/false,
+                                          /*right=*/true)
+                             .clamp(0, std::max<int64_t>(B - 1, 0));
+  auto by_seg = seg.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& seg_sorted = std::get<0>(by_seg);
+  order = order.index_select(0, std::get<1>(by_seg));
+  const at::Tensor rank =
+      at::arange(T, order.options()) - cu.clamp(0, T).index_select(0, seg_sorted);
+  const at::Tensor keep = rank < k.to(order.device()).to(at::kLong).index_select(0, seg_sorted);
+  at::Tensor top = at::zeros({T}, keep.options()).scatter_(0, order, keep);
+  return mask.has_value() ? top & *mask : top;
+}
+
+at::Tensor greedy_select_varlen(const at::Tensor& x, const at::Tensor& cu_seqlens,
+                                c10::IntArrayRef k, c10::string_view objective_name,
+                                c10::string_view metric_name,
+                                const c10::optional<at::Tensor>& mask, int64_t start,
+                                const VarlenKernels& V) {
+  check_floating(x, "x", "[T, D]", 2);
+  const at::Tensor cu = check_cu(x, cu_seqlens);
+  check_mask1d(mask, x);
+  TORCH_CHECK_VALUE(start >= -1, "start=", start, " must be >= 0 (local to each segment) or -1 (auto)");
+  const Objective objective = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const int64_t B = cu.numel() - 1;
+  const at::Tensor ck = offsets(k, B, "k");
+  const c10::DeviceGuard guard(x.device());
+  if (ck[B].item<int64_t>() == 0) return at::empty({0}, x.options().dtype(at::kLong));
+  return V.greedy(prepare_tokens(fp32_tokens(x.unsqueeze(0)), metric), cu, ck, objective, metric,
+                  mask, start, at::tensor(k, at::kLong).to(x.device()), "k");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_varlen(
+    const at::Tensor& visual, const at::Tensor& cu_seqlens, const at::Tensor& text,
+    c10::IntArrayRef keep, const at::Tensor& stage1_keep,
+    const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
+    c10::string_view mi_metric_name, c10::string_view objective_name,
+    c10::string_view metric_name, const Kernels& K, const VarlenKernels& V) {
+  check_floating(visual, "visual", "[T, D]", 2);
+  const at::Tensor cu = check_cu(visual, cu_seqlens);
+  const int64_t B = cu.numel() - 1, D = visual.size(1);
+  check_floating(text, "text", "[B, M, D]");
+  TORCH_CHECK_VALUE(text.size(0) == B && text.size(2) == D, "text must have shape [B, M, D] = [",
+                    B, ", M, ", D, "] to match visual and cu_seqlens, got ", text.sizes());
+  TORCH_CHECK_VALUE(text.size(1) > 0, "text must have at least one token (M >= 1), got M=0");
+  TORCH_CHECK_VALUE(text.device() == visual.device(), "text is on ", text.device(),
+                    " but visual is on ", visual.device());
+  if (text_mask.has_value()) check_mask(*text_mask, "text_mask", visual, B, text.size(1), "[B, M]");
+  check_mask1d(mask, visual);
+  TORCH_CHECK_TYPE(at::isIntegralType(stage1_keep.scalar_type(), /*includeBool=*/false),
+                   "stage1_keep must be an integer tensor of shape [B], got ",
+                   stage1_keep.scalar_type());
+  TORCH_CHECK_VALUE(stage1_keep.dim() == 1 && stage1_keep.size(0) == B,
+                    "stage1_keep must have shape [B] = [", B, "], got ", stage1_keep.sizes());
+  TORCH_CHECK_VALUE(stage1_keep.device() == visual.device(), "stage1_keep is on ",
+                    stage1_keep.device(), " but visual is on ", visual.device());
+  const Metric mi_metric = parse_metric(mi_metric_name, "mi_metric");
+  const Objective objective = parse_objective(objective_name);
+  const Metric metric = parse_metric(metric_name, "metric");
+  const at::Tensor ck = offsets(keep, B, "keep");
+  const c10::DeviceGuard guard(visual.device());
+  const at::Tensor lengths = at::tensor(keep, at::kLong).to(visual.device());
+  if (ck[B].item<int64_t>() == 0) {
+    const at::Tensor none = at::empty({0}, visual.options().dtype(at::kLong));
+    return {at::empty({0, D}, visual.options()), none, lengths};
+  }
+
+  // One fp32 conversion of the visual tokens serves both metrics, as in prune.
+  const at::Tensor xf = fp32_tokens(visual.unsqueeze(0));
+  const Prepared VM = prepare_tokens(xf, mi_metric);
+  const Prepared VG = metric == mi_metric ? VM : prepare_tokens(xf, metric);
+  const at::Tensor score =
+      V.mi_scores(VM, prepare_tokens(fp32_tokens(text), mi_metric), cu, text_mask, mi_metric);
+  const at::Tensor survivors = varlen_topk_mask(score, cu, stage1_keep, mask);
+  // Segments hold ascending, disjoint ranges: one sort orders each segment's picks.
+  const at::Tensor chosen =
+      std::get<0>(V.greedy(VG, cu, ck, objective, metric, survivors, -1, stage1_keep,
+                           "stage1_keep")
+                      .sort(-1))
+          .contiguous();
+  return {K.gather_rows(visual.unsqueeze(0), chosen.unsqueeze(0), /*checked=*/false).squeeze(0),
+          chosen, lengths};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_compact_varlen(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, const c10::optional<at::Tensor>& index,
+    const c10::optional<at::Tensor>& mask, bool sort, const Kernels& K) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [T, D], got shape ", x.sizes());
+  const at::Tensor cu = check_cu(x, cu_seqlens);
+  TORCH_CHECK_VALUE(index.has_value() != mask.has_value(),
+                    "gather_compact_varlen needs exactly one of index or mask");
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor idx, ordered;
+  bool checked = false;
+  if (mask.has_value()) {
+    check_mask1d(mask, x);
+    ordered = idx = mask->nonzero().select(1, 0).contiguous();  // the kept count: one sync
+  } else {
+    const at::Tensor& i = *index;
+    TORCH_CHECK_TYPE(i.dim() == 1 && at::isIntegralType(i.scalar_type(), /*includeBool=*/false),
+                     "index must be an integer tensor of shape [K], got ", i.scalar_type(),
+                     " tensor of shape ", i.sizes());
+    TORCH_CHECK_VALUE(i.device() == x.device(), "index is on ", i.device(), " but x is on ",
+                      x.device());
+    // Each segment's entries are together and segments hold ascending ranges: one global sort
+    // orders every segment's entries and keeps the segments in place.
+    ordered = std::get<0>(i.to(at::kLong).sort(-1)).contiguous();
+    idx = sort ? ordered
+               : i.to(i.options().dtype(at::kLong), /*non_blocking=*/false, /*copy=*/true,
+                      at::MemoryFormat::Contiguous);
+    checked = true;
+  }
+  return {K.gather_rows(x.unsqueeze(0), idx.unsqueeze(0), checked).squeeze(0), idx,
+          at::searchsorted(ordered, cu)};
+}
+
 }  // namespace
 }  // namespace visprune
 
@@ -315,6 +483,13 @@ TORCH_LIBRARY(visprune, m) {
   m.def("received_attention(Tensor q, Tensor k, Tensor start, int length, str queries, "
         "Tensor? query_mask, str heads, Tensor? key_mask, float scale) -> Tensor");
   m.def("dpp_map(Tensor x, Tensor relevance, int k, Tensor? mask, float eps) -> Tensor");
+  m.def("greedy_select_varlen(Tensor x, Tensor cu_seqlens, int[] k, str objective, str metric, "
+        "Tensor? mask, int start) -> Tensor");
+  m.def("prune_varlen(Tensor visual, Tensor cu_seqlens, Tensor text, int[] keep, "
+        "Tensor stage1_keep, Tensor? text_mask, Tensor? mask, str mi_metric, str objective, "
+        "str metric) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_compact_varlen(Tensor x, Tensor cu_seqlens, Tensor? index, Tensor? mask, "
+        "bool sort) -> (Tensor, Tensor, Tensor)");
 }
 
 // The ops of one device: the composition above over that device's kernels.
@@ -351,6 +526,27 @@ TORCH_LIBRARY(visprune, m) {
   m.impl("dpp_map", [](const at::Tensor& x, const at::Tensor& relevance, int64_t k,               \
                        const OptTensor& mask, double eps) {                                       \
     return visprune::dpp_map(x, relevance, k, mask, eps, visprune::device::kernels());            \
+  });                                                                                             \
+  m.impl("greedy_select_varlen", [](const at::Tensor& x, const at::Tensor& cu_seqlens,            \
+                                    c10::IntArrayRef k, c10::string_view objective,               \
+                                    c10::string_view metric, const OptTensor& mask,               \
+                                    int64_t start) {                                              \
+    return visprune::greedy_select_varlen(x, cu_seqlens, k, objective, metric, mask, start,       \
+                                          visprune::device::varlen_kernels());                    \
+  });                                                                                             \
+  m.impl("prune_varlen", [](const at::Tensor& visual, const at::Tensor& cu_seqlens,               \
+                            const at::Tensor& text, c10::IntArrayRef keep,                        \
+                            const at::Tensor& stage1_keep, const OptTensor& text_mask,            \
+                            const OptTensor& mask, c10::string_view mi_metric,                    \
+                            c10::string_view objective, c10::string_view metric) {                \
+    return visprune::prune_varlen(visual, cu_seqlens, text, keep, stage1_keep, text_mask, mask,   \
+                                  mi_metric, objective, metric, visprune::device::kernels(),      \
+                                  visprune::device::varlen_kernels());                            \
+  });                                                                                             \
+  m.impl("gather_compact_varlen", [](const at::Tensor& x, const at::Tensor& cu_seqlens,           \
+                                     const OptTensor& index, const OptTensor& mask, bool sort) {  \
+    return visprune::gather_compact_varlen(x, cu_seqlens, index, mask, sort,                      \
+                                           visprune::device::kernels());                          \
   })
 
 TORCH_LIBRARY_IMPL(visprune, CPU, m) { VISPRUNE_IMPL_OPS(m, cpu); }

@@ -77,13 +77,32 @@ struct Kernels {
                         const c10::optional<at::Tensor>& mask, double eps, Count need);
 };
 
+// The varlen (packed, ragged batch) kernels of a device: a packed x[T, D] as a prepared P of
+// shape [1, T, D], segment b = tokens [cu[b], cu[b+1]) for a contiguous int64 cu[B+1] on the
+// device (validated by visprune.ops; the kernels clamp it into [0, T] and stay in bounds).
+struct VarlenKernels {
+  // float32[T]: mi_scores of segment b's tokens against text row b (T prepared [B, M, D]).
+  at::Tensor (*mi_scores)(const Prepared& V, const Prepared& T, const at::Tensor& cu,
+                          const c10::optional<at::Tensor>& text_mask, Metric metric);
+  // int64[ck[B]]: greedy selection in every segment among its True tokens of mask[T] (all when
+  // absent), segment b's ck[b+1] - ck[b] picks (global positions, in selection order) at
+  // [ck[b], ck[b+1]) for a contiguous int64 ck[B+1] on the host; `start` local to every segment
+  // (-1: auto).  need[b] (host int64[B]) is the candidate count segment b must hold, named
+  // `need_name` in the CPU kernel's ValueError; the CUDA kernel records -1 instead.
+  at::Tensor (*greedy)(const Prepared& P, const at::Tensor& cu, const at::Tensor& ck,
+                       Objective objective, Metric metric, const c10::optional<at::Tensor>& mask,
+                       int64_t start, const at::Tensor& need, const char* need_name);
+};
+
 namespace cpu {
 const Kernels& kernels();
+const VarlenKernels& varlen_kernels();
 }  // namespace cpu
 
 #ifdef VISPRUNE_WITH_CUDA
 namespace cuda {
 const Kernels& kernels();
+const VarlenKernels& varlen_kernels();
 }  // namespace cuda
 #endif
 

@@ -37,3 +37,8 @@ tail -n 8 "$RESULTS/attention.txt"
 
 timeout 1200 "$PY" benchmarks/e2e.py --json "$RESULTS/e2e.json" > "$RESULTS/e2e.txt" 2>&1
 tail -n 20 "$RESULTS/e2e.txt"
+for visual in image video; do         # Qwen2.5-VL-7B shapes: keep 25 % / 11 % of the tokens
+  timeout 1200 "$PY" benchmarks/e2e.py --model qwen2_5_vl --visual $visual \
+    --json "$RESULTS/e2e_qwen_$visual.json" > "$RESULTS/e2e_qwen_$visual.txt" 2>&1
+  tail -n 20 "$RESULTS/e2e_qwen_$visual.txt"
+done

@@ -352,19 +352,8 @@ QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 150, 151, 152
 @pytest.fixture(scope="module")
 def qwen():
     """A tiny random Qwen2.5-VL (2×2 patch merger, 3-D M-RoPE, GQA), fp32."""
-    config = transformers.Qwen2_5_VLConfig(
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=64, fullatt_block_indexes=[1], window_size=56),
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=200,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                          "rope_theta": 10000.0}),
-        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    from test_qwen import _qwen25
+    return _qwen25(fullatt_block_indexes=(1,))
 
 
 def _qwen_inputs(rows, grids, seed=0):

@@ -7,7 +7,8 @@ ops, like the C++ ones.  The functions exported here call those ops with the pos
 signatures of :mod:`visprune.reference` and assume arguments checked by :mod:`visprune.ops`.
 Kernels accumulate in fp32; fp32 dot products are true fp32 (``input_precision="ieee"``).
 """
-from .library import dpp_map, gather_compact, greedy_select, mi_scores, prune, received_attention
+from .library import (dpp_map, gather_compact, gather_compact_varlen, greedy_select,
+                      greedy_select_varlen, mi_scores, prune, prune_varlen, received_attention)
 
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "received_attention",
-           "dpp_map"]
+           "dpp_map", "greedy_select_varlen", "prune_varlen", "gather_compact_varlen"]

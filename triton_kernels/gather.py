@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visprune.common import varlen_counts
+
 from .utils import block, on_device, warps
 
 
@@ -84,3 +86,19 @@ def gather_compact(x, index=None, mask=None, sort=True):
         # sort() and clone() both give a new tensor: the caller's index is never returned.
         index = index.long().sort(dim=-1).values if sort else index.long().clone()
     return gather_rows(x, index), index
+
+
+@on_device
+def gather_compact_varlen(x, cu_seqlens, index=None, mask=None, sort=True):
+    """``(tokens[K, D], indices int64[K], cu_seqlens_out int64[B+1])``; see
+    :func:`visprune.reference.gather_compact_varlen`.  The dense kernels on ``x[None]`` with
+    global positions: one prefix-sum launch (mask form) and one gather launch for all segments."""
+    if mask is not None:
+        index = mask_positions(mask[None])[0]
+        ordered = index
+    else:
+        # Each segment's entries are together and segments hold ascending ranges, so one global
+        # sort orders every segment's entries and keeps the segments in place.
+        ordered = index.long().sort().values
+        index = ordered if sort else index.long().clone()
+    return gather_rows(x[None], index[None])[0], index, varlen_counts(ordered, cu_seqlens)

@@ -6,7 +6,7 @@ the positional signatures of :mod:`visprune.reference` (exported below).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,8 +56,31 @@ def _dpp_map_op(x: Tensor, relevance: Tensor, k: int, mask: Optional[Tensor], ep
     return dpp.dpp_map(x, relevance, k, mask, eps)
 
 
+@torch.library.custom_op(f"{_NS}::greedy_select_varlen", mutates_args=())
+def _greedy_select_varlen_op(x: Tensor, cu_seqlens: Tensor, k: List[int], objective: str,
+                             metric: str, mask: Optional[Tensor], start: int) -> Tensor:
+    return greedy.greedy_select_varlen(x, cu_seqlens, k, objective, metric, mask,
+                                       "auto" if start < 0 else start)
+
+
+@torch.library.custom_op(f"{_NS}::prune_varlen", mutates_args=())
+def _prune_varlen_op(visual: Tensor, cu_seqlens: Tensor, text: Tensor, keep: List[int],
+                     stage1_keep: Tensor, text_mask: Optional[Tensor], mask: Optional[Tensor],
+                     mi_metric: str, objective: str, metric: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(_prune.prune_varlen(visual, cu_seqlens, text, keep, stage1_keep, text_mask, mask,
+                                     mi_metric, objective, metric))
+
+
+@torch.library.custom_op(f"{_NS}::gather_compact_varlen", mutates_args=())
+def _gather_compact_varlen_op(x: Tensor, cu_seqlens: Tensor, index: Optional[Tensor],
+                              mask: Optional[Tensor], sort: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return gather.gather_compact_varlen(x, cu_seqlens, index, mask, sort)
+
+
 oplib.register(_NS)
 _ops = oplib.positional(_NS)
 mi_scores, greedy_select, gather_compact, prune, received_attention, dpp_map = (
     _ops.mi_scores, _ops.greedy_select, _ops.gather_compact, _ops.prune, _ops.received_attention,
     _ops.dpp_map)
+greedy_select_varlen, prune_varlen, gather_compact_varlen = (
+    _ops.greedy_select_varlen, _ops.prune_varlen, _ops.gather_compact_varlen)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import COSINE, EPS, L2, METRICS, block, on_device, warps
+from .utils import COSINE, EPS, L2, METRICS, block, on_device, segment, warps
 
 # _token_stats_kernel's SCORE is a metric code or NO_SCORE; NORM one of the three below.
 NO_SCORE = tl.constexpr(2)
@@ -79,19 +79,27 @@ def _text_summary_kernel(t_ptr, st_b, st_m, st_d, mask_ptr, inv_ptr, summ_ptr, r
 
 @triton.jit
 def _token_stats_kernel(x_ptr, sx_b, sx_n, sx_d, summ_ptr, resid_ptr, spread_ptr, num_spread,
-                        score_ptr, norm_ptr, N, D, SCORE: tl.constexpr, NORM: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        score_ptr, norm_ptr, cu_ptr, N, D, SCORE: tl.constexpr,
+                        NORM: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     """One pass over ``x[b, block of N, :]``: the MI score (``SCORE``: COSINE, L2 or NO_SCORE)
-    and a norm term (``NORM``: ``1/max(||x||, eps)``, ``||x||²`` or none)."""
+    and a norm term (``NORM``: ``1/max(||x||, eps)``, ``||x||²`` or none).  Packed
+    (``IS_VARLEN``, ``x[T, D]``): row ``b`` is segment ``b`` of ``cu_seqlens``, scored against
+    text summary ``b``."""
     b = tl.program_id(0).to(tl.int64)
+    bos, n = segment(cu_ptr, b, N, IS_VARLEN)
     o_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
+    m_n = o_n < n
     o_d = tl.arange(0, BLOCK_D)
+    if IS_VARLEN:
+        p_x = x_ptr + bos * sx_n
+    else:
+        p_x = x_ptr + b * sx_b
     sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)     # v·summ (cosine) or ||v'||² - 2 v'·t̄' (l2)
     for d0 in range(0, D, BLOCK_D):
         m_d = (d0 + o_d) < D
-        b_x = tl.load(x_ptr + b * sx_b + o_n[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+        b_x = tl.load(p_x + o_n[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
                       mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         sq += tl.sum(b_x * b_x, axis=1)
         if SCORE != NO_SCORE:
@@ -106,16 +114,16 @@ def _token_stats_kernel(x_ptr, sx_b, sx_n, sx_d, summ_ptr, resid_ptr, spread_ptr
     # unit vector, as F.normalize gives it.
     inv = tl.where(sq == sq, 1.0 / tl.maximum(tl.sqrt(sq), EPS), float("nan"))
     if SCORE == COSINE:
-        tl.store(score_ptr + b * N + o_n, acc * inv, mask=m_n)
+        tl.store(score_ptr + bos + o_n, acc * inv, mask=m_n)
     if SCORE == L2:
         spread = tl.full([], 0.0, tl.float32)
         for p in range(0, num_spread):
             spread += tl.load(spread_ptr + b * num_spread + p)
-        tl.store(score_ptr + b * N + o_n, -(acc + spread), mask=m_n)
+        tl.store(score_ptr + bos + o_n, -(acc + spread), mask=m_n)
     if NORM == INV_NORM:
-        tl.store(norm_ptr + b * N + o_n, inv, mask=m_n)
+        tl.store(norm_ptr + bos + o_n, inv, mask=m_n)
     if NORM == SQ_NORM:
-        tl.store(norm_ptr + b * N + o_n, sq, mask=m_n)
+        tl.store(norm_ptr + bos + o_n, sq, mask=m_n)
 
 
 def text_summary(text: torch.Tensor, text_mask: Optional[torch.Tensor], metric: str,
@@ -140,24 +148,33 @@ def text_summary(text: torch.Tensor, text_mask: Optional[torch.Tensor], metric: 
 
 
 def token_stats(x: torch.Tensor, summary: Optional[Tuple[torch.Tensor, ...]] = None,
-                score_metric: Optional[str] = None, norm: Optional[str] = None):
+                score_metric: Optional[str] = None, norm: Optional[str] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, nmax: int = 0):
     """One read of ``x[B, N, D]``: ``(scores float32[B, N] | None, norms float32[B, N] | None)``.
 
     ``score_metric`` with ``summary`` from :func:`text_summary` gives MI scores; ``norm="cosine"``
     gives ``1/max(||x||, eps)`` and ``norm="l2"`` gives ``||x||²`` for the greedy distances.
+    Packed: ``x[T, D]`` with ``cu_seqlens`` (int64 ``[B+1]``) and the longest segment ``nmax``
+    gives ``[T]`` outputs, segment ``b`` scored against summary row ``b``.
     """
-    B, N, D = x.shape
-    score = torch.empty(B, N, dtype=torch.float32, device=x.device) if score_metric else None
-    norms = torch.empty(B, N, dtype=torch.float32, device=x.device) if norm else None
+    if cu_seqlens is None:
+        B, N, D = x.shape
+        n, shape, strides, cu = N, (B, N), x.stride(), x
+    else:
+        (N, D), B, n = x.shape, cu_seqlens.numel() - 1, nmax
+        shape, strides, cu = (N,), (0,) + x.stride(), cu_seqlens
+    score = torch.empty(shape, dtype=torch.float32, device=x.device) if score_metric else None
+    norms = torch.empty(shape, dtype=torch.float32, device=x.device) if norm else None
     summ, resid, spread = summary if summary is not None else (x, x, x)
-    BLOCK_N, BLOCK_D = block(N, 1, 64), block(D, 16, 128)
-    grid = (B, triton.cdiv(N, BLOCK_N))
+    BLOCK_N, BLOCK_D = block(n, 1, 64), block(D, 16, 128)
+    grid = (B, triton.cdiv(n, BLOCK_N))
     _token_stats_kernel[grid](
-        x, *x.stride(), summ, resid, spread, spread.shape[1] if summary is not None else 0,
-        score if score is not None else x, norms if norms is not None else x, N, D,
+        x, *strides, summ, resid, spread, spread.shape[1] if summary is not None else 0,
+        score if score is not None else x, norms if norms is not None else x, cu, N, D,
         SCORE=NO_SCORE.value if score is None else METRICS[score_metric],
         NORM=(NO_NORM if norms is None else INV_NORM if norm == "cosine" else SQ_NORM).value,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps(BLOCK_N * BLOCK_D))
+        IS_VARLEN=cu_seqlens is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=warps(BLOCK_N * BLOCK_D))
     return score, norms
 
 

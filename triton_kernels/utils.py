@@ -35,6 +35,21 @@ def clamp_distance(d):
     return tl.where(d > 0, d, 0.0)
 
 
+@triton.jit
+def segment(cu_ptr, b, N, IS_VARLEN: tl.constexpr):
+    """Row ``b``'s first token ``bos`` in the ``[B·N]`` (or ``[T]``) per-token buffers and its
+    length ``n``: ``(b·N, N)`` for a dense batch; for a packed one (``N`` = T) segment ``b`` of
+    ``cu_seqlens``, clamped into ``[0, T]`` so that unvalidated offsets never lead outside x."""
+    if IS_VARLEN:
+        bos = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), N)
+        eos = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64), bos), N)
+        n = eos - bos
+    else:
+        bos = b * N
+        n = bos * 0 + N
+    return bos, n
+
+
 def on_device(launcher):
     """Run ``launcher`` with its first argument's CUDA device current.
 

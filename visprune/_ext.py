@@ -46,3 +46,5 @@ if _C is not None:
     gather_compact, prune = _ops.gather_compact, _ops.prune
     received_attention = _ops.received_attention
     dpp_map = _ops.dpp_map                 # CDPruner's DPP MAP (visprune.methods.cdpruner)
+    greedy_select_varlen, prune_varlen = _ops.greedy_select_varlen, _ops.prune_varlen
+    gather_compact_varlen = _ops.gather_compact_varlen

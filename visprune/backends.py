@@ -1,8 +1,9 @@
 """Which backend runs an op: availability, the default for a device, the ``VISPRUNE_BACKEND`` override.
 
 Each backend is a module exposing ``mi_scores``, ``greedy_select``, ``gather_compact``, ``prune``
-and ``received_attention`` with the positional signatures of :mod:`visprune.reference` (``prune``
-takes the stage-1 count).
+and ``received_attention``, and the varlen ``greedy_select_varlen``, ``prune_varlen`` and
+``gather_compact_varlen``, with the positional signatures of :mod:`visprune.reference` (``prune``
+takes the stage-1 count, ``prune_varlen`` the int64 tensor of counts per segment).
 "triton", "cpu" and "cuda" call ``torch.library`` ops (``torch.ops.visprune_triton.*``,
 ``torch.ops.visprune.*``), opaque to ``torch.compile``.  An explicitly requested backend
 that cannot run raises ``RuntimeError`` naming what is missing; nothing falls back silently.

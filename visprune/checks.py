@@ -300,3 +300,184 @@ def attention_args(q, k, start, length, queries, heads, key_mask, scale, values:
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float, got {scale}")
     return start, length, queries, key_mask, float(scale)
+
+
+# --------------------------------------------------------------------------- varlen (ragged) batches
+CU_DTYPES = (torch.int32, torch.int64)
+
+
+def cu_seqlens(x: torch.Tensor, cu, xname: str = "x") -> int:
+    """``cu``: an int32 / int64 tensor ``[B+1]`` on ``x``'s device (its values are
+    :func:`varlen_values`' to check); returns ``B``."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor of shape [B+1], "
+                        f"got {type(cu).__name__}")
+    if cu.dtype not in CU_DTYPES:
+        raise TypeError(f"cu_seqlens must have dtype {dtype_names(CU_DTYPES)}, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() == 0:
+        raise ValueError(f"cu_seqlens must have shape [B+1] (at least one entry, cu_seqlens[0] "
+                         f"= 0), got shape {tuple(cu.shape)}")
+    same_device(xname, x, "cu_seqlens", cu)
+    return cu.numel() - 1
+
+
+def per_segment(name: str, value, B: int) -> list:
+    """A count per segment as a list of ``B`` Python ints: one :func:`count` for every segment,
+    or a sequence (list, tuple, NumPy array) or 1-D integer tensor (any device: read once) of
+    ``B`` counts."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+            raise TypeError(f"{name} must be an int or a per-segment sequence of ints, got a "
+                            f"{value.dtype} tensor")
+        values = [int(v) for v in value.tolist()]
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        values = [integer(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return [count(name, value)] * B
+    if len(values) != B:
+        raise ValueError(f"{name} must have one count per segment (B={B}), got {len(values)}")
+    bad = [v for v in values if v < 0]
+    if bad:
+        raise ValueError(f"{name} must be >= 0 in every segment, got {bad[0]}")
+    return values
+
+
+def mask1d(name: str, mask, ref_name: str, ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """``None`` or a ``bool[T]`` tensor (``T`` = rows of ``ref``) on ``ref``'s device."""
+    if mask is None:
+        return None
+    tensor(name, mask, 1, "[T]", dtypes=(torch.bool,))
+    if mask.shape[0] != ref.shape[0]:
+        raise ValueError(f"{name} must have shape [T] = ({ref.shape[0]},), got {tuple(mask.shape)}")
+    same_device(ref_name, ref, name, mask)
+    return mask
+
+
+def varlen_selection(x, cu, k, objective, metric, mask, start, xname="x", kname="k"):
+    """Structural checks of a varlen selection; returns ``(B, k list, mask, start int or -1)``."""
+    B = cu_seqlens(x, cu, xname)
+    choice("objective", objective, ("maxmin", "maxsum"))
+    choice("metric", metric, ("cosine", "l2"))
+    mask = mask1d("mask", mask, xname, x)
+    k = per_segment(kname, k, B)
+    if isinstance(start, str) and start == "auto":
+        return B, k, mask, -1
+    try:
+        start = integer("start", start)
+    except TypeError:
+        raise ValueError(f"start must be 'auto' or an int index local to each segment, "
+                         f"got {start!r}") from None
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0 (an index local to each segment)")
+    return B, k, mask, start
+
+
+def varlen_stage1(keep: list, stage1_keep, B: int):
+    """``prune_varlen``'s ``stage1_keep``: an int count, a float fraction (both for every
+    segment) or a list of ``B`` counts, each at least that segment's ``keep`` (a fraction's
+    counts are checked with the values, :func:`varlen_values`)."""
+    if isinstance(stage1_keep, (list, tuple, np.ndarray)) or (
+            isinstance(stage1_keep, torch.Tensor) and stage1_keep.dim() == 1):
+        stage1 = per_segment("stage1_keep", stage1_keep, B)
+    else:
+        stage1 = fraction_or_count("stage1_keep", stage1_keep)
+    if not isinstance(stage1, float):
+        for b in range(B):
+            s1 = stage1[b] if isinstance(stage1, list) else stage1
+            if keep[b] > s1:
+                raise ValueError(f"need keep <= stage1_keep in every segment, got keep="
+                                 f"{keep[b]}, stage1_keep={s1} in segment {b}")
+    return stage1
+
+
+def varlen_values(T: int, cu: torch.Tensor, need=None, need_name: str = "k", mask=None,
+                  start: int = -1, picks=None, index=None, at_least=None) -> None:
+    """The value checks of a varlen op, with one host read: ``cu`` (0 first, non-decreasing,
+    ``T`` last); ``need[b]`` (int64 tensor or list) within segment ``b``'s length and, with
+    ``mask``, its candidates, and at least ``at_least[b]``, in every segment with ``picks[b] > 0``
+    (all when ``picks`` is None); an int ``start`` inside, and a candidate of, those segments; an ``index`` in range, without repeats,
+    grouped by segment in order."""
+    dev = cu.device
+    B = cu.numel() - 1
+    cu = cu.long()
+    parts = [cu]
+    if need is not None:
+        need = torch.as_tensor(need, dtype=torch.long, device=dev).reshape(B)
+        parts.append(need)
+        if mask is not None:
+            prefix = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().cumsum(0)])
+            parts.append(prefix[cu.clamp(0, T)])
+    if start >= 0 and mask is not None and T > 0:
+        parts.append(mask[(cu[:-1] + start).clamp(0, T - 1)].long())
+    if index is not None and index.numel():
+        idx = index.long()
+        srt = idx.sort().values
+        seg = torch.searchsorted(cu[1:].contiguous(), idx.contiguous(), right=True)
+        parts.append(torch.stack([srt[0], srt[-1], (srt[1:] == srt[:-1]).any().long(),
+                                  (seg[1:] < seg[:-1]).any().long()]))
+    values = torch.cat(parts).tolist()
+    c, values = values[:B + 1], values[B + 1:]
+    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={T}, got "
+                         f"{c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
+    n = [b - a for a, b in zip(c, c[1:])]
+    if need is not None:
+        want, values = values[:B], values[B:]
+        for b in range(B):
+            if picks is not None and picks[b] == 0:
+                continue        # a segment that keeps nothing is not worked on
+            if at_least is not None and want[b] < at_least[b]:
+                raise ValueError(f"need keep <= stage1_keep in every segment: stage1_keep keeps "
+                                 f"{want[b]} tokens of segment {b}, fewer than keep={at_least[b]}")
+            if want[b] > n[b]:
+                raise ValueError(f"{need_name}={want[b]} is larger than segment {b}'s length "
+                                 f"({n[b]} tokens)")
+        if mask is not None:
+            pre, values = values[:B + 1], values[B + 1:]
+            for b in range(B):
+                if want[b] > pre[b + 1] - pre[b]:
+                    raise ValueError(f"{need_name}={want[b]} is larger than the number of "
+                                     f"candidate tokens in segment {b} "
+                                     f"({pre[b + 1] - pre[b]} where mask is True)")
+    if start >= 0:
+        cand = values[:B] if mask is not None and T > 0 else None
+        values = values[B:] if cand is not None else values
+        for b in range(B):
+            if picks[b] == 0:
+                continue
+            if start >= n[b]:
+                raise ValueError(f"start={start} is out of range for segment {b} of length {n[b]}")
+            if cand is not None and not cand[b]:
+                raise ValueError(f"start={start} is not a candidate (mask is False there) in "
+                                 f"segment {b}")
+    if values:
+        lo, hi, dup, ungrouped = values
+        if lo < 0 or hi >= T:
+            raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {T})")
+        if dup:
+            raise ValueError("index has duplicate entries")
+        if ungrouped:
+            raise ValueError("index must list each segment's positions together, segments in "
+                             "order (segment b's entries within [cu_seqlens[b], "
+                             "cu_seqlens[b+1]), before segment b+1's)")
+
+
+def varlen_gather_args(x, cu, index, mask, sort, values: bool) -> int:
+    """``gather_compact_varlen``'s checks (``x`` already checked); returns ``B``."""
+    B = cu_seqlens(x, cu)
+    if (index is None) == (mask is None):
+        raise ValueError("gather_compact_varlen needs exactly one of index or mask")
+    flag("sort", sort)
+    if mask is not None:
+        mask1d("mask", mask, "x", x)
+    else:
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 \
+                or index.dtype not in INDEX_DTYPES:
+            got = (f"{index.dtype} tensor of shape {tuple(index.shape)}"
+                   if isinstance(index, torch.Tensor) else type(index).__name__)
+            raise TypeError(f"index must be an integer tensor of shape [K] and dtype "
+                            f"{dtype_names(INDEX_DTYPES)}, got {got}")
+        same_device("x", x, "index", index)
+    if values:
+        varlen_values(x.shape[0], cu, index=index)
+    return B

@@ -75,3 +75,53 @@ def topk_mask(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None)
     top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
     return top if mask is None else top & mask
 
+
+
+# --------------------------------------------------------------------------- varlen (ragged) batches
+def segment_ids(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``int64`` segment of each global position (``cu[b] <= p < cu[b+1]``), on the device and
+    without a host read; clamped into ``[0, B)`` so that an unvalidated ``cu_seqlens`` never
+    indexes outside a per-segment table."""
+    B = cu_seqlens.numel() - 1
+    seg = torch.searchsorted(cu_seqlens[1:].long().contiguous(), positions.long().contiguous(),
+                             right=True)
+    return seg.clamp_(0, max(B - 1, 0))
+
+
+def stage1_counts(cu_seqlens: torch.Tensor, stage1_keep) -> torch.Tensor:
+    """``int64[B]`` stage-1 survivors per segment on ``cu_seqlens``' device, without a host read:
+    an int for every segment, a list of ints as given, or a float fraction of each segment's
+    length rounded half up (:func:`stage1_count`'s rule, in float64 as Python computes it)."""
+    dev = cu_seqlens.device
+    B = cu_seqlens.numel() - 1
+    if isinstance(stage1_keep, (list, tuple)):
+        return torch.tensor(list(stage1_keep), dtype=torch.long, device=dev).reshape(B)
+    if isinstance(stage1_keep, (float, np.floating)):
+        n = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+        return torch.floor(float(stage1_keep) * n + 0.5).long()
+    return torch.full((B,), int(stage1_keep), dtype=torch.long, device=dev)
+
+
+def varlen_topk_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, k: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bool[T]``: True at the ``k[b]`` highest scores of each segment ``b`` of ``scores[T]``,
+    ranked as :func:`topk_mask` ranks a row (ties → lowest index, NaN and ``-inf`` after every real
+    score, non-candidates last), and only where ``mask`` is True.  Two stable sorts of all ``T``
+    scores (by score, then by segment), so one pass serves every segment."""
+    T = scores.shape[0]
+    if T == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    order = descending_order(scores[None], None if mask is None else mask[None])[0]
+    seg, by_seg = segment_ids(cu_seqlens, order).sort(stable=True)
+    order = order[by_seg]
+    rank = torch.arange(T, device=scores.device) - cu_seqlens.long().clamp(0, T)[seg]
+    # A scatter of the flags over the permutation `order`: no data-dependent size, no sync.
+    top = torch.empty(T, dtype=torch.bool, device=scores.device).scatter_(
+        0, order, rank < k.to(scores.device)[seg])
+    return top if mask is None else top & mask
+
+
+def varlen_counts(sorted_positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``int64[B+1]`` cumulative count of ``sorted_positions`` (ascending global positions) in
+    each segment: ``out[b]`` = how many lie before ``cu[b]``."""
+    return torch.searchsorted(sorted_positions.contiguous(), cu_seqlens.long().contiguous())

@@ -33,6 +33,23 @@ def _prune_fake(visual, text, keep, stage1_keep, text_mask, mask, mi_metric, obj
             visual.new_empty((B,), dtype=torch.long))
 
 
+def _greedy_select_varlen_fake(x, cu_seqlens, k, objective, metric, mask, start):
+    return x.new_empty((sum(k),), dtype=torch.long)
+
+
+def _prune_varlen_fake(visual, cu_seqlens, text, keep, stage1_keep, text_mask, mask, mi_metric,
+                       objective, metric):
+    return (visual.new_empty((sum(keep), visual.shape[1])),
+            visual.new_empty((sum(keep),), dtype=torch.long),
+            visual.new_empty((len(keep),), dtype=torch.long))
+
+
+def _gather_compact_varlen_fake(x, cu_seqlens, index, mask, sort):
+    kept = index.shape[0] if index is not None else torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((kept, x.shape[1])), x.new_empty((kept,), dtype=torch.long),
+            x.new_empty(cu_seqlens.shape, dtype=torch.long))
+
+
 def _received_attention_fake(q, k, start, length, queries, query_mask, heads, key_mask, scale):
     return q.new_empty((q.shape[0], length), dtype=torch.float32)
 
@@ -43,7 +60,8 @@ def _dpp_map_fake(x, relevance, k, mask, eps):
 
 def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
-    from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``): ``tokens`` is
+    from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``), or ``(tokens[K, D],
+    indices[K])`` from ``x[T, D]`` (their varlen forms): ``tokens`` is
     differentiable w.r.t. ``x`` on every backend, as ``torch.gather`` makes it in the reference;
     the selection itself is discrete and passes no gradient.  Every other input gets ``None``."""
 
@@ -57,7 +75,8 @@ def _register_gather_grad(qualname: str, n_inputs: int) -> None:
         (index,) = ctx.saved_tensors
         grad = grad_tokens.new_zeros(ctx.x_shape)
         if grad_tokens.numel():
-            grad.scatter_add_(1, index[..., None].expand(-1, -1, ctx.x_shape[-1]), grad_tokens)
+            grad.scatter_add_(index.dim() - 1,
+                              index[..., None].expand(*index.shape, ctx.x_shape[-1]), grad_tokens)
         return (grad,) + (None,) * (n_inputs - 1)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -71,8 +90,13 @@ def register(ns: str) -> None:
     torch.library.register_fake(f"{ns}::prune")(_prune_fake)
     torch.library.register_fake(f"{ns}::received_attention")(_received_attention_fake)
     torch.library.register_fake(f"{ns}::dpp_map")(_dpp_map_fake)
+    torch.library.register_fake(f"{ns}::greedy_select_varlen")(_greedy_select_varlen_fake)
+    torch.library.register_fake(f"{ns}::prune_varlen")(_prune_varlen_fake)
+    torch.library.register_fake(f"{ns}::gather_compact_varlen")(_gather_compact_varlen_fake)
     _register_gather_grad(f"{ns}::gather_compact", 4)
     _register_gather_grad(f"{ns}::prune", 9)
+    _register_gather_grad(f"{ns}::gather_compact_varlen", 5)
+    _register_gather_grad(f"{ns}::prune_varlen", 10)
 
 
 def positional(ns: str) -> SimpleNamespace:
@@ -81,7 +105,9 @@ def positional(ns: str) -> SimpleNamespace:
     in the schemas; ``prune`` takes the stage-1 survivor count,
     :func:`visprune.common.stage1_count`; ``received_attention`` takes ``start`` as an int64
     tensor ``[B]``, and its query-row mask as ``queries="mask"`` plus the mask), and CDPruner's
-    ``dpp_map(x, relevance, k, mask, eps)`` (:mod:`visprune.methods.cdpruner`)."""
+    ``dpp_map(x, relevance, k, mask, eps)`` (:mod:`visprune.methods.cdpruner`), and the varlen
+    ops ``greedy_select_varlen``, ``prune_varlen`` (``keep`` a list of ints, ``stage1_keep`` an
+    int64 tensor ``[B]``: :func:`visprune.common.stage1_counts`) and ``gather_compact_varlen``."""
     ops = getattr(torch.ops, ns)
 
     def mi_scores(visual, text, text_mask=None, metric="l2"):
@@ -108,6 +134,21 @@ def positional(ns: str) -> SimpleNamespace:
     def dpp_map(x, relevance, k, mask, eps):
         return ops.dpp_map(x, relevance, k, mask, eps)
 
+    def greedy_select_varlen(x, cu_seqlens, k, objective="maxmin", metric="cosine", mask=None,
+                             start="auto"):
+        return ops.greedy_select_varlen(x, cu_seqlens, list(k), objective, metric, mask,
+                                        -1 if start == "auto" else start)
+
+    def prune_varlen(visual, cu_seqlens, text, keep, stage1_keep, text_mask=None, mask=None,
+                     mi_metric="l2", objective="maxsum", metric="cosine") -> PruneResult:
+        return PruneResult(*ops.prune_varlen(visual, cu_seqlens, text, list(keep), stage1_keep,
+                                             text_mask, mask, mi_metric, objective, metric))
+
+    def gather_compact_varlen(x, cu_seqlens, index=None, mask=None, sort=True):
+        return ops.gather_compact_varlen(x, cu_seqlens, index, mask, sort)
+
     return SimpleNamespace(mi_scores=mi_scores, greedy_select=greedy_select,
                            gather_compact=gather_compact, prune=prune,
-                           received_attention=received_attention, dpp_map=dpp_map)
+                           received_attention=received_attention, dpp_map=dpp_map,
+                           greedy_select_varlen=greedy_select_varlen, prune_varlen=prune_varlen,
+                           gather_compact_varlen=gather_compact_varlen)

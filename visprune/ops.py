@@ -23,10 +23,10 @@ import torch
 
 from . import checks
 from .backends import checked_name, module
-from .common import PruneResult, stage1_count
+from .common import PruneResult, stage1_count, stage1_counts
 
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "received_attention",
-           "PruneResult"]
+           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "PruneResult"]
 
 def _values(validate: bool, backend: str) -> bool:
     """Whether to run the checks that read tensor values (see the module docstring).  While
@@ -170,3 +170,103 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, start: Union[int, torch
                                   "(visprune._C); use backend='triton' (the default for CUDA "
                                   "tensors) or 'reference'")
     return module(name).received_attention(q, k, start, length, queries, heads, key_mask, scale)
+
+
+# --------------------------------------------------------------------------- varlen (ragged) batches
+# A packed [T, D] tensor holds B segments: segment b is rows [cu_seqlens[b], cu_seqlens[b+1])
+# (FlashAttention's varlen layout; Qwen2.5-VL's vision tower emits all images this way).  One
+# call serves every segment; each segment's result is that of the dense op on it alone.  Counts
+# (k, keep) may differ per segment: their total sizes the output, so a count tensor on the GPU
+# is read once.  The Triton and CUDA launchers read the segment lengths once to size their grid
+# (FlashAttention's max_seqlen); validate=False skips only the value checks.
+def greedy_select_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, k, *,
+                         objective: str = "maxmin", metric: str = "cosine",
+                         mask: Optional[torch.Tensor] = None, start: Union[str, int] = "auto",
+                         backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
+    """:func:`greedy_select` on every segment of a packed batch: ``int64[K]``, ``K = Σ k_b``.
+
+    Segment ``b``'s ``k_b`` picks (global row positions into ``x``, in selection order) sit at
+    ``[ck[b], ck[b+1])`` with ``ck`` the cumulative sum of ``k``, and equal
+    ``greedy_select(x[None, cu[b]:cu[b+1]], k_b, ...)[0] + cu[b]``.
+
+    Args:
+        x: ``[T, D]`` packed tokens.
+        cu_seqlens: int32/int64 ``[B+1]`` on ``x``'s device: 0, non-decreasing, ``T`` last.
+        k: an int for every segment, or ``B`` ints (sequence or 1-D integer tensor); an empty
+            segment needs 0.
+        objective, metric: as :func:`greedy_select`.
+        mask: optional ``bool[T]``: only True rows are candidates.
+        start: ``"auto"`` or an int index local to each segment (inside every segment with
+            ``k_b > 0``).
+        backend: see the module docstring.
+        validate: run the checks that read tensor values (one sync); see the module docstring.
+    """
+    checks.tensor("x", x, 2, "[T, D]")
+    name = checked_name(backend, x.device)
+    _, k, mask, start = checks.varlen_selection(x, cu_seqlens, k, objective, metric, mask, start)
+    if _values(validate, name):
+        checks.varlen_values(x.shape[0], cu_seqlens, k, "k", mask, start, picks=k)
+    return module(name).greedy_select_varlen(x, cu_seqlens, k, objective, metric, mask,
+                                             "auto" if start < 0 else start)
+
+
+def prune_varlen(visual: torch.Tensor, cu_seqlens: torch.Tensor, text: torch.Tensor, keep, *,
+                 stage1_keep=0.8, text_mask: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None, mi_metric: str = "l2",
+                 objective: str = "maxsum", metric: str = "cosine",
+                 backend: Optional[str] = None, validate: bool = True) -> PruneResult:
+    """:func:`prune` on every segment of a packed batch: ``PruneResult(tokens[K, D], indices[K],
+    lengths[B])`` with ``K = Σ keep_b``; segment ``b``'s kept rows (global positions, ascending)
+    sit at ``[ck[b], ck[b+1])``, ``lengths = keep``.
+
+    Args:
+        visual: ``[T, D]`` packed visual tokens; ``cu_seqlens`` as :func:`greedy_select_varlen`.
+        text: ``[B, M, D]`` text tokens of each segment (padded), ``text_mask`` ``bool[B, M]``.
+        keep: an int for every segment or ``B`` ints.
+        stage1_keep: an int count, a float fraction of each segment's length (rounded half up),
+            or ``B`` ints; ``keep_b <= stage1_b <= n_b`` in every segment with ``keep_b > 0``
+            (a segment that keeps nothing is not worked on).
+        mask: optional ``bool[T]`` restricting both stages.
+        mi_metric, objective, metric, backend, validate: as :func:`prune`.
+    """
+    checks.tensor("visual", visual, 2, "[T, D]")
+    name = checked_name(backend, visual.device)
+    B = checks.cu_seqlens(visual, cu_seqlens, "visual")
+    checks.tensor("text", text, 3, "[B, M, D]")
+    if text.shape[0] != B:
+        raise ValueError(f"text must have shape [B, M, D] with B={B} segments (cu_seqlens has "
+                         f"{B + 1} entries), got {tuple(text.shape)}")
+    text_mask, text_check = checks.text_args(visual[None].expand(B, -1, -1), text, text_mask,
+                                             mi_metric, "mi_metric")
+    keep = checks.per_segment("keep", keep, B)
+    stage1 = checks.varlen_stage1(keep, stage1_keep, B)
+    _, _, mask, _ = checks.varlen_selection(visual, cu_seqlens, keep, objective, metric, mask,
+                                            "auto", xname="visual", kname="keep")
+    n1 = stage1_counts(cu_seqlens, stage1)
+    if _values(validate, name):
+        if text_check is not None:
+            checks.candidates(None, 0, -1, extra=[text_check])
+        checks.varlen_values(visual.shape[0], cu_seqlens, n1, "stage1_keep", mask, picks=keep,
+                             at_least=keep)
+    return module(name).prune_varlen(visual, cu_seqlens, text, keep, n1, text_mask, mask,
+                                     mi_metric, objective, metric)
+
+
+def gather_compact_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor,
+                          index: Optional[torch.Tensor] = None, *,
+                          mask: Optional[torch.Tensor] = None, sort: bool = True,
+                          backend: Optional[str] = None, validate: bool = True
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gather_compact` on every segment of a packed batch: ``(tokens[K, D], indices[K]
+    int64, cu_seqlens_out[B+1] int64)``.
+
+    Exactly one of ``index[K]`` (global positions, unique, each segment's entries within its
+    range and listed together, segments in order) or ``mask bool[T]``.  ``indices`` are the kept
+    rows' global positions, ascending within each segment with ``sort=True`` or the mask form,
+    else in the given order; ``cu_seqlens_out`` counts the kept rows per segment, cumulatively.
+    ``tokens`` is differentiable w.r.t. ``x``.  The mask form reads its kept count (one sync).
+    """
+    name = checked_name(backend, checks.tensor("x", x, 2, "[T, D]",
+                                               dtypes=checks.GATHER_DTYPES).device)
+    checks.varlen_gather_args(x, cu_seqlens, index, mask, sort, _values(validate, name))
+    return module(name).gather_compact_varlen(x, cu_seqlens, index, mask, sort)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .common import EPS, PruneResult, descending_order, stage1_count, topk_mask, true_fp32
 
 __all__ = ["mi_scores", "pairwise_distance", "greedy_select", "gather_compact", "prune",
-           "received_attention", "PruneResult", "stage1_count", "descending_order", "topk_mask"]
+           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "received_attention", "PruneResult", "stage1_count", "descending_order", "topk_mask"]
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -171,6 +171,67 @@ def prune(visual: torch.Tensor, text: torch.Tensor, keep: int, stage1_keep: Unio
     tokens, indices = gather_compact(visual, chosen, sort=True)
     lengths = torch.full((B,), keep, dtype=torch.long, device=visual.device)
     return PruneResult(tokens, indices, lengths)
+
+
+# --------------------------------------------------------------------------- varlen (ragged) batches
+# Segment b of a packed [T, D] tensor is rows [cu[b], cu[b+1]).  Each op is a loop over the
+# segments calling the dense op above on that segment alone: the definition of the varlen ops.
+def _segments(cu_seqlens: torch.Tensor):
+    c = cu_seqlens.tolist()
+    return list(zip(c[:-1], c[1:]))
+
+
+def _segment_mask(mask: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
+    return None if mask is None else mask[None, lo:hi]
+
+
+def greedy_select_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, k, objective: str = "maxmin",
+                         metric: str = "cosine", mask: Optional[torch.Tensor] = None,
+                         start: Union[str, int] = "auto") -> torch.Tensor:
+    """``int64[K]``: :func:`greedy_select` on each segment, its ``k[b]`` picks as global
+    positions in selection order, segments one after another."""
+    picks = [greedy_select(x[None, lo:hi], kb, objective, metric, _segment_mask(mask, lo, hi),
+                           start)[0] + lo
+             for (lo, hi), kb in zip(_segments(cu_seqlens), k) if kb > 0]
+    return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def prune_varlen(visual: torch.Tensor, cu_seqlens: torch.Tensor, text: torch.Tensor, keep,
+                 stage1_keep: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None, mi_metric: str = "l2",
+                 objective: str = "maxsum", metric: str = "cosine") -> PruneResult:
+    """:func:`prune` on each segment with its text row ``text[b]``: ``PruneResult(tokens[K, D],
+    indices[K] global, lengths[B] = keep)``; ``stage1_keep`` is the survivor count per segment."""
+    tokens, indices = [visual.new_empty(0, visual.shape[1])], [visual.new_empty(0, dtype=torch.long)]
+    for b, ((lo, hi), kb) in enumerate(zip(_segments(cu_seqlens), keep)):
+        if kb == 0:
+            continue
+        r = prune(visual[None, lo:hi], text[b:b + 1], kb, int(stage1_keep[b]),
+                  None if text_mask is None else text_mask[b:b + 1], _segment_mask(mask, lo, hi),
+                  mi_metric, objective, metric)
+        tokens.append(r.tokens[0])
+        indices.append(r.indices[0] + lo)
+    lengths = torch.tensor(list(keep), dtype=torch.long, device=visual.device)
+    return PruneResult(torch.cat(tokens), torch.cat(indices), lengths)
+
+
+def gather_compact_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor,
+                          index: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                          sort: bool = True):
+    """:func:`gather_compact` on each segment: ``(tokens[K, D], indices[K] global,
+    cu_seqlens_out[B+1] int64)``; a segment's entries of ``index`` are those in its range."""
+    tokens, indices, counts = [x.new_empty(0, x.shape[1])], [x.new_empty(0, dtype=torch.long)], [0]
+    for lo, hi in _segments(cu_seqlens):
+        if mask is not None:
+            t, i = gather_compact(x[None, lo:hi], mask=mask[None, lo:hi])
+        else:
+            mine = index[(index >= lo) & (index < hi)].long()
+            t, i = gather_compact(x[None, lo:hi], (mine - lo)[None], sort=sort)
+        tokens.append(t[0])
+        indices.append(i[0] + lo)
+        counts.append(counts[-1] + i.shape[1])
+    return (torch.cat(tokens), torch.cat(indices),
+            torch.tensor(counts, dtype=torch.long, device=x.device))
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, start: Union[int, torch.Tensor],

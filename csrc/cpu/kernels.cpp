@@ -37,6 +37,7 @@
 #endif
 
 #include "../visprune.h"
+#include "rows.h"
 
 namespace visprune {
 namespace cpu {
@@ -1056,6 +1057,20 @@ at::Tensor dpp_map(const Prepared& P, const at::Tensor& relevance, int64_t k,
 }
 
 }  // namespace
+
+// The per-row routines on one row given by pointers (rows.h; varlen.cpp's segments).
+void greedy_tokens(const float* y, const float* sq, int64_t n, int64_t D, Metric metric,
+                   const bool* mask, int64_t k, Objective objective, int64_t start, Count need,
+                   int64_t row, bool parallel, int64_t* out) {
+  greedy_row(Rows{y, sq, D, metric}, candidates(mask, n), k, objective, start, need, row,
+             parallel, out);
+}
+
+void mi_tokens(const float* v, int64_t n, const float* t, int64_t M, const bool* tmask, int64_t D,
+               Metric metric, int64_t row, bool parallel, float* out) {
+  mi_row(Rows{v, nullptr, D, metric}, Rows{t, nullptr, D, metric}, tmask, n, M, row, parallel,
+         out);
+}
 
 const Kernels& kernels() {
   static const Kernels k{&mi_scores, &greedy, &gather_rows, &received_attention, &dpp_map};

@@ -22,6 +22,7 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "../visprune.h"
 
@@ -129,35 +130,53 @@ __device__ void row_barrier(unsigned* count, volatile unsigned* gen, unsigned nb
   __syncthreads();
 }
 
+// --------------------------------------------------------------------------- packed segments
+// Segment b of a packed batch (cu non-null, int64[B+1]) or row b of a dense one: its first token
+// in the per-token buffers and its length; a packed segment is clamped into [0, T] (here N = T),
+// so an unvalidated cu never leads outside the tokens.
+struct Span {
+  int64_t bos, n;
+};
+
+__device__ __forceinline__ Span row_span(const int64_t* __restrict__ cu, int64_t b, int64_t N) {
+  if (cu == nullptr) return {b * N, N};
+  const int64_t bos = min(max(cu[b], int64_t(0)), N);
+  return {bos, min(max(cu[b + 1], bos), N) - bos};
+}
+
 // --------------------------------------------------------------------------- per-row reductions
 // out[b, i] = y[b, i]·v[b] (kDot) or |y[b, i] - v[b]|² (!kDot), one warp per token.  mi_scores
-// and the maxsum start are linear in such a per-row summary v.
+// and the maxsum start are linear in such a per-row summary v.  With seg (packed tokens, B = 1)
+// token i takes the summary of its segment seg[i].
 template <bool kDot>
 __global__ void row_summary_kernel(const float* __restrict__ y, const float* __restrict__ v,
-                                   int64_t N, int64_t D, float* __restrict__ out) {
+                                   const int64_t* __restrict__ seg, int64_t N, int64_t D,
+                                   float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = blockIdx.y;
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   if (i >= N) return;
   const float* row = y + (b * N + i) * D;
-  const float* vb = v + b * D;
+  const float* vb = v + (seg != nullptr ? seg[b * N + i] : b) * D;
   const float r = kDot ? warp_dot(row, vb, D, lane) : warp_sqdist(row, vb, D, lane);
   if (lane == 0) out[b * N + i] = r;
 }
 
-at::Tensor row_summary(const at::Tensor& y, const at::Tensor& v, bool dot) {
+at::Tensor row_summary(const at::Tensor& y, const at::Tensor& v, bool dot,
+                       const at::Tensor& seg = at::Tensor()) {
   const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
   at::Tensor out = at::empty({B, N}, y.options());
   if (B == 0 || N == 0) return out;
   const dim3 grid((N + kWarps - 1) / kWarps, B);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor vc = v.contiguous();
+  const int64_t* sp = seg.defined() ? seg.data_ptr<int64_t>() : nullptr;
   if (dot) {
     row_summary_kernel<true><<<grid, kThreads, 0, stream>>>(y.data_ptr<float>(), vc.data_ptr<float>(),
-                                                            N, D, out.data_ptr<float>());
+                                                            sp, N, D, out.data_ptr<float>());
   } else {
     row_summary_kernel<false><<<grid, kThreads, 0, stream>>>(
-        y.data_ptr<float>(), vc.data_ptr<float>(), N, D, out.data_ptr<float>());
+        y.data_ptr<float>(), vc.data_ptr<float>(), sp, N, D, out.data_ptr<float>());
   }
   VISPRUNE_CUDA_CHECK(cudaGetLastError());
   return out;
@@ -168,19 +187,24 @@ at::Tensor row_summary(const at::Tensor& y, const at::Tensor& v, bool dot) {
 // triangle only; each thread owns 4×4 entries and sums d in order with FMA (one chain per entry,
 // so an entry depends only on its two tokens and not on their order).  Row and column minima go
 // to key (float bits as unsigned: distances are >= 0, where the bit order is the float order).
-// With kStore the whole distance matrix is written for the greedy steps.
+// With kStore the whole distance matrix is written for the greedy steps (dense rows only).  With
+// cu, blockIdx.z is segment b of a packed batch (N = T): tiles past its length return at once.
 constexpr int kTile = 64, kTileK = 16, kPer = 4;
 
 template <bool kStore>
 __global__ void pair_min_kernel(const float* __restrict__ y, const float* __restrict__ sq,
-                                const bool* __restrict__ cand, int64_t N, int64_t D, bool cosine,
-                                unsigned* __restrict__ key, float* __restrict__ dist) {
+                                const bool* __restrict__ cand, const int64_t* __restrict__ cu,
+                                int64_t N_in, int64_t D, bool cosine, unsigned* __restrict__ key,
+                                float* __restrict__ dist) {
   if (blockIdx.x < blockIdx.y) return;  // lower-triangle tiles: their pairs are done above
   __shared__ float as[kTileK][kTile + 1], bs[kTileK][kTile + 1];
   const int64_t b = blockIdx.z;
+  const Span span = row_span(cu, b, N_in);
+  const int64_t N = span.n;  // the row's own length from here on
   const int64_t i0 = int64_t(blockIdx.y) * kTile, j0 = int64_t(blockIdx.x) * kTile;
+  if (j0 >= N) return;  // the whole block: the condition is the same for every thread
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float* yb = y + b * N * D;
+  const float* yb = y + span.bos * D;
   float acc[kPer][kPer] = {};
   for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
     for (int e = threadIdx.x; e < kTile * kTileK; e += kThreads) {
@@ -204,7 +228,7 @@ __global__ void pair_min_kernel(const float* __restrict__ y, const float* __rest
     }
     __syncthreads();
   }
-  const bool* cb = cand + b * N;
+  const bool* cb = cand + span.bos;
   float colmin[kPer];
 #pragma unroll
   for (int q = 0; q < kPer; ++q) colmin[q] = INFINITY;
@@ -216,19 +240,19 @@ __global__ void pair_min_kernel(const float* __restrict__ y, const float* __rest
     for (int q = 0; q < kPer; ++q) {
       const int64_t j = j0 + tx * kPer + q;
       if (i < j && j < N && cb[i] && cb[j]) {
-        const float d = distance(acc[r][q], cosine, cosine ? 0.0f : sq[b * N + i],
-                                 cosine ? 0.0f : sq[b * N + j]);
+        const float d = distance(acc[r][q], cosine, cosine ? 0.0f : sq[span.bos + i],
+                                 cosine ? 0.0f : sq[span.bos + j]);
         rowmin = fminf(rowmin, d);
         colmin[q] = fminf(colmin[q], d);
-        if (kStore) dist[(b * N + i) * N + j] = dist[(b * N + j) * N + i] = d;
+        if (kStore) dist[(span.bos + i) * N + j] = dist[(span.bos + j) * N + i] = d;
       }
     }
-    if (rowmin < INFINITY) atomicMin(key + b * N + i, __float_as_uint(rowmin));
+    if (rowmin < INFINITY) atomicMin(key + span.bos + i, __float_as_uint(rowmin));
   }
 #pragma unroll
   for (int q = 0; q < kPer; ++q) {
     const int64_t j = j0 + tx * kPer + q;
-    if (colmin[q] < INFINITY) atomicMin(key + b * N + j, __float_as_uint(colmin[q]));
+    if (colmin[q] < INFINITY) atomicMin(key + span.bos + j, __float_as_uint(colmin[q]));
   }
 }
 
@@ -239,7 +263,9 @@ struct GreedyArgs {
   const float* dist;   // [B, N, N] stored distances or null (then computed per step)
   const float* key;    // [B, N] start key (auto start) or null
   const bool* cand;    // [B, N]
-  int64_t* out;        // [B, k]
+  const int64_t* cu;   // packed batch: int64[B+1] segment offsets (N = T), else null
+  const int64_t* ck;   // packed batch: int64[B+1] offsets of each segment's picks, else null
+  int64_t* out;        // [B, k], or packed [ck[B]] (global positions)
   Best* partial;       // [2, B, G] per-block argmax of a step (double-buffered by parity)
   unsigned* count;     // [B] barrier arrivals
   unsigned* gen;       // [B] barrier generation
@@ -259,10 +285,16 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
   bool* alive = reinterpret_cast<bool*>(smem + a.chunk);
   const int64_t b = row0 + blockIdx.y;
   const int g = blockIdx.x, lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t lo = int64_t(g) * a.chunk, hi = lo + a.chunk < a.N ? lo + a.chunk : a.N;
+  // The row's tokens [bos, bos + N) and picks: out[o0 .. o0 + k) hold index + shift.
+  const Span span = row_span(a.cu, b, a.N);
+  const int64_t N = span.n, bos = span.bos;
+  const int64_t o0 = a.ck != nullptr ? a.ck[b] : b * a.k;
+  const int64_t k = a.ck != nullptr ? a.ck[b + 1] - o0 : a.k;
+  const int64_t shift = a.cu != nullptr ? bos : 0;
+  const int64_t lo = int64_t(g) * a.chunk, hi = lo + a.chunk < N ? lo + a.chunk : N;
   const int64_t n = hi > lo ? hi - lo : 0;
-  const bool* cb = a.cand + b * a.N;
-  const float* yb = a.y + b * a.N * a.D;
+  const bool* cb = a.cand + bos;
+  const float* yb = a.y + bos * a.D;
 
   for (int64_t t = threadIdx.x; t < n; t += kThreads) {
     run[t] = a.maxmin ? INFINITY : 0.0f;
@@ -293,22 +325,23 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
   if (s < 0) {  // auto start: the argmax of the start key over the candidates
     Best mine{-INFINITY, INT_MAX};
     for (int64_t t = threadIdx.x; t < n; t += kThreads)
-      if (alive[t]) mine = better(mine, Best{a.key[b * a.N + lo + t], int(lo + t)});
+      if (alive[t]) mine = better(mine, Best{a.key[bos + lo + t], int(lo + t)});
     s = publish_and_reduce(mine, step++);
   }
-  for (int64_t t = 0; t < a.k; ++t) {
+  if (s >= N) s = -1;  // an int start outside a short segment (unvalidated)
+  for (int64_t t = 0; t < k; ++t) {
     if (s < 0) {  // the same in every block of the row, so they all leave the loop here
       if (g == 0)
-        for (int64_t u = t + threadIdx.x; u < a.k; u += kThreads) a.out[b * a.k + u] = -1;
+        for (int64_t u = t + threadIdx.x; u < k; u += kThreads) a.out[o0 + u] = -1;
       break;
     }
-    if (g == 0 && threadIdx.x == 0) a.out[b * a.k + t] = s;
+    if (g == 0 && threadIdx.x == 0) a.out[o0 + t] = s + shift;
     if (s >= lo && s < hi && threadIdx.x == 0) alive[s - lo] = false;
     __syncthreads();
-    if (t + 1 == a.k) break;
+    if (t + 1 == k) break;
     Best mine{-INFINITY, INT_MAX};
     if (a.dist != nullptr) {  // stored distances: one thread per token
-      const float* ds = a.dist + (b * a.N + s) * a.N;
+      const float* ds = a.dist + (bos + s) * N;
       for (int64_t e = threadIdx.x; e < n; e += kThreads) {
         if (!alive[e]) continue;
         const float d = ds[lo + e];
@@ -317,12 +350,12 @@ __global__ void greedy_kernel(GreedyArgs a, int64_t row0) {
       }
     } else {  // one warp per token: d(s, i) from the tokens
       const float* ys = yb + s * a.D;
-      const float sq_s = a.cosine ? 0.0f : a.sq[b * a.N + s];
+      const float sq_s = a.cosine ? 0.0f : a.sq[bos + s];
       for (int64_t e = warp; e < n; e += kWarps) {
         if (!alive[e]) continue;
         const float dot = warp_dot(ys, yb + (lo + e) * a.D, a.D, lane);
         if (lane == 0) {
-          const float d = distance(dot, a.cosine, sq_s, a.cosine ? 0.0f : a.sq[b * a.N + lo + e]);
+          const float d = distance(dot, a.cosine, sq_s, a.cosine ? 0.0f : a.sq[bos + lo + e]);
           run[e] = a.maxmin ? fminf(run[e], d) : run[e] + d;
           mine = better(mine, Best{run[e], int(lo + e)});
         }
@@ -341,20 +374,23 @@ constexpr int64_t kMaxStoredDistances = int64_t(1) << 26;  // 256 MiB of fp32 fo
 // unconditionally and the host never asks whether a row needs it.
 __global__ void pair_sum_kernel(const float* __restrict__ y, const float* __restrict__ sq,
                                 const bool* __restrict__ cand, const bool* __restrict__ exact,
-                                int64_t N, int64_t D, float* __restrict__ key) {
+                                const int64_t* __restrict__ cu, int64_t N_in, int64_t D,
+                                float* __restrict__ key) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = blockIdx.y;
+  const Span span = row_span(cu, b, N_in);
+  const int64_t N = span.n, bos = span.bos;
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
-  if (i >= N || !exact[b] || !cand[b * N + i]) return;
-  const float* yb = y + b * N * D;
-  const float sq_i = sq[b * N + i];
+  if (i >= N || !exact[b] || !cand[bos + i]) return;
+  const float* yb = y + bos * D;
+  const float sq_i = sq[bos + i];
   float s = 0.0f;
   for (int64_t j = 0; j < N; ++j) {
-    if (!cand[b * N + j]) continue;
+    if (!cand[bos + j]) continue;
     const float dot = warp_dot(yb + i * D, yb + j * D, D, lane);
-    s = __fadd_rn(s, distance(dot, /*cosine=*/false, sq_i, sq[b * N + j]));
+    s = __fadd_rn(s, distance(dot, /*cosine=*/false, sq_i, sq[bos + j]));
   }
-  if (lane == 0) key[b * N + i] = s;
+  if (lane == 0) key[bos + i] = s;
 }
 
 // The start key of "auto": maxmin min_{j != i} d(i, j) (pairwise tiles, which can also leave the
@@ -376,10 +412,10 @@ at::Tensor start_key(const Prepared& P, const at::Tensor& cand, bool maxmin, boo
     auto* kp = reinterpret_cast<unsigned*>(key.data_ptr<float>());
     if (store) {
       pair_min_kernel<true><<<grid, kThreads, 0, stream>>>(P.y.data_ptr<float>(), sq,
-          cand.data_ptr<bool>(), N, D, cosine, kp, dist->data_ptr<float>());
+          cand.data_ptr<bool>(), nullptr, N, D, cosine, kp, dist->data_ptr<float>());
     } else {
       pair_min_kernel<false><<<grid, kThreads, 0, stream>>>(P.y.data_ptr<float>(), sq,
-          cand.data_ptr<bool>(), N, D, cosine, kp, nullptr);
+          cand.data_ptr<bool>(), nullptr, N, D, cosine, kp, nullptr);
     }
     VISPRUNE_CUDA_CHECK(cudaGetLastError());
     return key;
@@ -397,8 +433,8 @@ at::Tensor start_key(const Prepared& P, const at::Tensor& cand, bool maxmin, boo
   const at::Tensor exact = (~(P.sq < 1e37f) & cand).any(-1).contiguous();
   const dim3 grid((N + kWarps - 1) / kWarps, B);
   pair_sum_kernel<<<grid, kThreads, 0, stream>>>(P.y.data_ptr<float>(), P.sq.data_ptr<float>(),
-                                                 cand.data_ptr<bool>(), exact.data_ptr<bool>(), N,
-                                                 D, key.data_ptr<float>());
+                                                 cand.data_ptr<bool>(), exact.data_ptr<bool>(),
+                                                 nullptr, N, D, key.data_ptr<float>());
   VISPRUNE_CUDA_CHECK(cudaGetLastError());
   return key;
 }
@@ -466,6 +502,8 @@ at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
   args.dist = dist.defined() ? dist.data_ptr<float>() : nullptr;
   args.key = key.defined() ? key.data_ptr<float>() : nullptr;
   args.cand = cand.data_ptr<bool>();
+  args.cu = nullptr;
+  args.ck = nullptr;
   args.out = out.data_ptr<int64_t>();
   args.partial = reinterpret_cast<Best*>(partial.data_ptr<uint8_t>());
   args.count = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
@@ -532,19 +570,161 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& index, bool /*c
 // Linear in a summary of the valid text tokens, as on CPU and in the reference: cosine
 // x̂_i·mean_j t̂_j; l2 -(|v_i - t̄|² + mean_j |t_j - t̄|²).  A non-finite token scores -inf or NaN
 // as it does there.  Padded text tokens take no part.  A row without text token gets NaN scores.
-at::Tensor mi_scores(const Prepared& V, const Prepared& T,
-                     const c10::optional<at::Tensor>& text_mask, Metric metric) {
-  const int64_t B = V.y.size(0), N = V.y.size(1), M = T.y.size(1), D = V.y.size(2);
+// The text summary of each row: (mean t̄ [B, D] of the valid text tokens (of t̂ for cosine, as
+// prepared), spread mean_j |t_j - t̄|² [B, 1]).
+std::pair<at::Tensor, at::Tensor> text_summary(const Prepared& T,
+                                               const c10::optional<at::Tensor>& text_mask) {
+  const int64_t B = T.y.size(0), M = T.y.size(1);
   const at::Tensor valid = text_mask.has_value()
                                ? text_mask->contiguous()
                                : at::ones({B, M}, T.y.options().dtype(at::kBool));
-  const at::Tensor v3 = valid.unsqueeze(-1);
   const at::Tensor m = valid.sum(-1, /*keepdim=*/true).to(at::kFloat);  // [B, 1]
-  const at::Tensor mean = (T.y.masked_fill(~v3, 0.0f).sum(1) / m).contiguous();  // [B, D]
-  if (metric == Metric::kCosine) return row_summary(V.y, mean, /*dot=*/true);
+  const at::Tensor mean =
+      (T.y.masked_fill(~valid.unsqueeze(-1), 0.0f).sum(1) / m).contiguous();  // [B, D]
   const at::Tensor spread =
       (T.y - mean.unsqueeze(1)).pow(2).sum(-1).masked_fill(~valid, 0.0f).sum(-1, true) / m;
-  return -(row_summary(V.y, mean, /*dot=*/false) + spread);
+  return {mean, spread};
+}
+
+at::Tensor mi_scores(const Prepared& V, const Prepared& T,
+                     const c10::optional<at::Tensor>& text_mask, Metric metric) {
+  const auto summary = text_summary(T, text_mask);
+  if (metric == Metric::kCosine) return row_summary(V.y, summary.first, /*dot=*/true);
+  return -(row_summary(V.y, summary.first, /*dot=*/false) + summary.second);
+}
+
+// --------------------------------------------------------------------------- varlen
+// A packed batch: P.y is [1, T, D], segment b = tokens [cu[b], cu[b+1]) for an int64 cu[B+1] on
+// the device.  The same kernels as the dense ops with one row per segment (row_span), so that
+// nothing is padded; only the longest segment is read back, to size greedy_kernel's launch.
+
+// The segment of every token (clamped into [0, B)) and cu made non-decreasing within [0, T]
+// (equal to cu when it is valid), both on the device without a sync.
+at::Tensor token_segments(const at::Tensor& cu, int64_t T) {
+  const int64_t B = cu.numel() - 1;
+  return at::searchsorted(cu.slice(0, 1).contiguous(), at::arange(T, cu.options()),
+                          /*out_int32=*/false, /*right=*/true)
+      .clamp(0, std::max<int64_t>(B - 1, 0));
+}
+
+at::Tensor safe_offsets(const at::Tensor& cu, int64_t T) {
+  return std::get<0>(at::cummax(cu.clamp(0, T), 0)).contiguous();
+}
+
+// Σ over each segment of the rows of v[T, ...] (in order: deterministic, no atomics): [B, ...].
+at::Tensor segment_sums(const at::Tensor& v, const at::Tensor& offsets) {
+  return at::segment_reduce(v, "sum", /*lengths=*/c10::nullopt, /*indices=*/c10::nullopt,
+                            offsets, /*axis=*/0, /*unsafe=*/true, /*initial=*/0);
+}
+
+at::Tensor mi_scores_varlen(const Prepared& V, const Prepared& Tx, const at::Tensor& cu,
+                            const c10::optional<at::Tensor>& text_mask, Metric metric) {
+  const int64_t T = V.y.size(1);
+  const auto summary = text_summary(Tx, text_mask);
+  const at::Tensor seg = token_segments(cu, T);
+  if (metric == Metric::kCosine) return row_summary(V.y, summary.first, /*dot=*/true, seg)[0];
+  return -(row_summary(V.y, summary.first, /*dot=*/false, seg)[0] +
+           summary.second.index_select(0, seg).view({T}));
+}
+
+// The start key of "auto" for every packed token, as start_key per segment: maxmin from the
+// pairwise tiles of each segment (not stored: the steps compute their distances), maxsum from
+// per-segment summaries, with the exact pairwise sums in the l2 segments that need them.
+at::Tensor start_key_varlen(const Prepared& P, const at::Tensor& cand, const at::Tensor& cu,
+                            int64_t nmax, bool maxmin, bool cosine) {
+  const int64_t T = P.y.size(1), D = P.y.size(2), B = cu.numel() - 1;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (maxmin) {
+    at::Tensor key = at::full({T}, std::numeric_limits<float>::infinity(), P.y.options());
+    const int64_t nt = (nmax + kTile - 1) / kTile;
+    if (nt > 0 && B > 0) {
+      const dim3 grid(nt, nt, B);
+      pair_min_kernel<false><<<grid, kThreads, 0, stream>>>(
+          P.y.data_ptr<float>(), cosine ? nullptr : P.sq.data_ptr<float>(), cand.data_ptr<bool>(),
+          cu.data_ptr<int64_t>(), T, D, cosine, reinterpret_cast<unsigned*>(key.data_ptr<float>()),
+          nullptr);
+      VISPRUNE_CUDA_CHECK(cudaGetLastError());
+    }
+    return key;
+  }
+  const at::Tensor y = P.y[0], seg = token_segments(cu, T), offs = safe_offsets(cu, T);
+  if (cosine) {
+    const at::Tensor ok = cand & ~y.isnan().any(-1);  // NaN tokens: distance 0 to all
+    const at::Tensor total = segment_sums(y.masked_fill(~ok.unsqueeze(-1), 0.0f), offs);
+    const at::Tensor n = segment_sums(ok.to(at::kFloat), offs).index_select(0, seg);
+    return at::where(ok, n - row_summary(P.y, total, /*dot=*/true, seg)[0], at::zeros_like(n));
+  }
+  const at::Tensor n = segment_sums(cand.to(at::kFloat), offs);
+  const at::Tensor mean = segment_sums(y.masked_fill(~cand.unsqueeze(-1), 0.0f), offs) /
+                          n.unsqueeze(-1);
+  at::Tensor key = row_summary(P.y, mean, /*dot=*/false, seg)[0].contiguous();
+  const at::Tensor exact =
+      (segment_sums((~(P.sq[0] < 1e37f) & cand).to(at::kFloat), offs) > 0).contiguous();
+  if (nmax > 0 && B > 0) {
+    const dim3 grid((nmax + kWarps - 1) / kWarps, B);
+    pair_sum_kernel<<<grid, kThreads, 0, stream>>>(P.y.data_ptr<float>(), P.sq.data_ptr<float>(),
+                                                   cand.data_ptr<bool>(), exact.data_ptr<bool>(),
+                                                   cu.data_ptr<int64_t>(), T, D,
+                                                   key.data_ptr<float>());
+    VISPRUNE_CUDA_CHECK(cudaGetLastError());
+  }
+  return key;
+}
+
+at::Tensor greedy_varlen(const Prepared& P, const at::Tensor& cu, const at::Tensor& ck_host,
+                         Objective obj, Metric metric, const c10::optional<at::Tensor>& mask,
+                         int64_t start, const at::Tensor& /*need*/, const char* /*need_name*/) {
+  // Segments short of candidates are not reported (that would need a sync): as in greedy, the
+  // kernel records -1 from the step where a segment has none left.
+  const int64_t T = P.y.size(1), D = P.y.size(2), B = cu.numel() - 1;
+  const int64_t K = ck_host[B].item<int64_t>();
+  at::Tensor out = at::empty({K}, P.y.options().dtype(at::kLong));
+  const at::Tensor cand =
+      mask.has_value() ? mask->contiguous() : at::ones({T}, P.y.options().dtype(at::kBool));
+  const at::Tensor ck = ck_host.to(P.y.device());
+  const bool maxmin = obj == Objective::kMaxMin, cosine = metric == Metric::kCosine;
+  // The longest segment sizes the launch: one read (FlashAttention's max_seqlen).
+  const at::Tensor lo = cu.slice(0, 0, B).clamp(0, T);
+  const int64_t nmax =
+      B > 0 ? (at::maximum(cu.slice(0, 1).clamp(0, T), lo) - lo).max().item<int64_t>() : 0;
+  at::Tensor key;
+  if (start < 0) key = start_key_varlen(P, cand, cu, nmax, maxmin, cosine);
+
+  const GreedyLaunch L = plan_greedy(std::max<int64_t>(nmax, 1), 4 * kWarps);
+  const int64_t rows_per_launch = std::max<int64_t>(1, L.resident / L.blocks);
+  at::Tensor partial = at::empty({2 * B * L.blocks * int64_t(sizeof(Best))},
+                                 P.y.options().dtype(at::kByte));
+  at::Tensor sync = at::zeros({2 * B}, P.y.options().dtype(at::kInt));
+  GreedyArgs args;
+  args.y = P.y.data_ptr<float>();
+  args.sq = cosine ? nullptr : P.sq.data_ptr<float>();
+  args.dist = nullptr;
+  args.key = key.defined() ? key.data_ptr<float>() : nullptr;
+  args.cand = cand.data_ptr<bool>();
+  args.cu = cu.data_ptr<int64_t>();
+  args.ck = ck.data_ptr<int64_t>();
+  args.out = out.data_ptr<int64_t>();
+  args.partial = reinterpret_cast<Best*>(partial.data_ptr<uint8_t>());
+  args.count = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+  args.gen = args.count + B;
+  args.B = B;
+  args.N = T;
+  args.D = D;
+  args.k = 0;
+  args.start = start;
+  args.blocks = static_cast<int>(L.blocks);
+  args.chunk = L.chunk;
+  args.cosine = cosine;
+  args.maxmin = maxmin;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t row0 = 0; row0 < B; row0 += rows_per_launch) {
+    const int64_t rows = std::min(rows_per_launch, B - row0);
+    const dim3 grid(static_cast<unsigned>(L.blocks), static_cast<unsigned>(rows));
+    void* params[] = {&args, &row0};
+    VISPRUNE_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(greedy_kernel), grid,
+                                                    dim3(kThreads), params, L.smem, stream));
+  }
+  return out;
 }
 
 }  // namespace
@@ -552,6 +732,11 @@ at::Tensor mi_scores(const Prepared& V, const Prepared& T,
 const Kernels& kernels() {
   static const Kernels k{&mi_scores, &greedy, &gather_rows, /*received_attention=*/nullptr,
                          /*dpp_map=*/nullptr};
+  return k;
+}
+
+const VarlenKernels& varlen_kernels() {
+  static const VarlenKernels k{&mi_scores_varlen, &greedy_varlen};
   return k;
 }
 

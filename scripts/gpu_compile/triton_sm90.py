@@ -201,6 +201,8 @@ def calls():
     greedy = importlib.import_module("visprune.triton_kernels.greedy")
     gather_compact = _launcher("gather", "gather_compact")
     prune = _launcher("prune", "prune")
+    prune_varlen = _launcher("prune", "prune_varlen")
+    gather_compact_varlen = _launcher("gather", "gather_compact_varlen")
     similarity_variance = _launcher("holov", "similarity_variance")
     merge = _launcher("prumerge", "merge")
     gram_max_n = getattr(greedy, "GRAM_MAX_N", 4096)
@@ -243,6 +245,38 @@ def calls():
                    f"mask={m is not None}",
                    lambda tm=tm, m=m, mi_metric=mi_metric, objective=objective, metric=metric:
                    prune(x, text, keep, stage1, tm, m, mi_metric, objective, metric))
+
+        # Varlen: a packed batch of this shape's image, one a third of it and a 1-token one.
+        lengths = [N, N // 3, 1]
+        xv = torch.empty(sum(lengths), D, dtype=dtype)
+        cu = torch.tensor([0, N, N + N // 3, sum(lengths)], dtype=torch.int32)
+        kv = [keep, keep // 3, 1]
+        maskv = torch.arange(sum(lengths)) % 8 != 3
+        textv = torch.empty(len(lengths), M, D, dtype=dtype)
+        vpaths = ["stream"] + (["gram"] if N <= gram_max_n else [])
+        for objective, metric, m, start, path in itertools.product(
+                ("maxmin", "maxsum"), ("cosine", "l2"), (None, maskv), ("auto", 0), vpaths):
+            yield (f"greedy_select_varlen {tag} {objective} {metric} mask={m is not None} "
+                   f"start={start} path={path}",
+                   lambda objective=objective, metric=metric, m=m, start=start, path=path:
+                   greedy.greedy_select_varlen(xv, cu, kv, objective, metric, m, start,
+                                               path=path))
+        stage1v = torch.tensor([stage1_count(n, 0.8) for n in lengths])
+        for tm, mi_metric, objective, metric in itertools.product(
+                (text_mask.expand(len(lengths), -1),), ("l2", "cosine"), ("maxsum",),
+                ("cosine", "l2")):
+            yield (f"prune_varlen {tag} mi={mi_metric} {objective} {metric} "
+                   f"text_mask={tm is not None}",
+                   lambda tm=tm, mi_metric=mi_metric, objective=objective, metric=metric:
+                   prune_varlen(xv, cu, textv, kv, stage1v, tm, None, mi_metric, objective,
+                                metric))
+        indexv = torch.cat([torch.arange(k) * (n // max(k, 1)) + lo for k, n, lo in
+                            zip(kv, lengths, [0, N, N + N // 3])])
+        for sort in (True, False):
+            yield (f"gather_compact_varlen {tag} index sort={sort}",
+                   lambda sort=sort: gather_compact_varlen(xv, cu, indexv, None, sort))
+        yield (f"gather_compact_varlen {tag} mask",
+               lambda: gather_compact_varlen(xv, cu, None, maskv, True))
 
         relevance = torch.empty(1, N, dtype=torch.float32)
         dpp_paths = ["auto", "stream"] + (["gram"] if N <= dpp.GRAM_MAX_N else [])

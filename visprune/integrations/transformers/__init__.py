@@ -2,8 +2,10 @@
 
 ``enable(model, method, ...)`` is the one entry point; it picks where the method prunes:
 
-* pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``) prune each image's
-  tokens between the projector and the language model (:mod:`.llava`);
+* pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``, ``visionzip``,
+  ``vispruner``, ``cdpruner``) prune each image's tokens between the projector and the language
+  model: LLaVA-1.5 / LLaVA-NeXT in :mod:`.llava`, Qwen2.5-VL / Qwen3-VL (images and videos,
+  original M-RoPE positions kept) in :mod:`.qwen`;
 * in-LLM methods (``fastv``, ``fitprune``, ``dart``) prune visual tokens between decoder layers,
   with the layers' own SDPA/eager attention (:mod:`.inllm`).
 """
@@ -13,9 +15,11 @@ from ... import checks
 from .inllm import INLLM_METHODS, InLLMHandle
 from .llava import METHODS as PRE_LLM_METHODS
 from .llava import PruningHandle, _cls_attention  # noqa: F401  (_cls_attention: tests)
+from .qwen import QWEN_METHODS, QwenPruningHandle
+from .qwen import SUPPORTED as _QWEN
 
-__all__ = ["enable", "PruningHandle", "InLLMHandle", "METHODS", "PRE_LLM_METHODS",
-           "INLLM_METHODS"]
+__all__ = ["enable", "PruningHandle", "QwenPruningHandle", "InLLMHandle", "METHODS",
+           "PRE_LLM_METHODS", "QWEN_METHODS", "INLLM_METHODS"]
 
 METHODS = PRE_LLM_METHODS + INLLM_METHODS
 
@@ -23,8 +27,10 @@ METHODS = PRE_LLM_METHODS + INLLM_METHODS
 def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
     """Prune ``model``'s visual tokens with ``method`` until the returned handle is disabled.
 
-    Pre-LLM methods (``"trimtokenator"``, ``"divprune"``, ``"holov"``, ``"prumerge"``): see
-    :class:`visprune.integrations.transformers.llava.PruningHandle`.  In-LLM methods:
+    Pre-LLM methods: see :class:`visprune.integrations.transformers.llava.PruningHandle`
+    (LLaVA) and :class:`visprune.integrations.transformers.qwen.QwenPruningHandle` (Qwen2.5-VL,
+    Qwen3-VL: ``keep`` an int or a fraction per image / video, ``per_frame=True`` for a budget
+    per video frame).  In-LLM methods:
     ``enable(model, "fastv", keep=..., layer=2)``, ``enable(model, "fitprune", recipe=...)`` and
     ``enable(model, "dart", keep=..., layer=2)``,
     see :class:`visprune.integrations.transformers.inllm.InLLMHandle`.
@@ -32,4 +38,6 @@ def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
     checks.choice("method", method, METHODS)
     if method in INLLM_METHODS:
         return InLLMHandle(model, method, keep, method_kwargs)
+    if isinstance(model, _QWEN):
+        return QwenPruningHandle(model, method, keep, method_kwargs)
     return PruningHandle(model, method, keep, method_kwargs)

@@ -1,9 +1,10 @@
-"""In-LLM visual-token pruning (FastV, FitPrune, DART) for transformers' LLaVA and Qwen2.5-VL.
+"""In-LLM visual-token pruning (FastV, FitPrune, DART) for transformers' LLaVA and Qwen-VL.
 
 ``enable(model, "fastv", keep=..., layer=K)`` / ``enable(model, "fitprune", recipe=...)`` /
 ``enable(model, "dart", keep=..., layer=K)`` make a ``LlavaForConditionalGeneration``
 (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT) or
-``Qwen2_5_VLForConditionalGeneration`` (images and videos, 3-D M-RoPE) drop visual tokens
+``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` (images and videos,
+3-D M-RoPE; Qwen3-VL's deepstack features follow the kept tokens) drop visual tokens
 *between decoder layers* of its language model during the prefill, scored by the attention they receive (FastV, FitPrune) or by their keys and hidden
 states (DART).  The layers keep their attention implementation
 (``sdpa`` or ``eager``); the statistics come from :func:`visprune.ops.received_attention` on
@@ -36,7 +37,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from transformers import (DynamicCache, LlavaForConditionalGeneration,
-                          LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+                          LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                          Qwen3VLForConditionalGeneration)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -48,7 +50,7 @@ __all__ = ["InLLMHandle", "INLLM_METHODS"]
 
 INLLM_METHODS = ("fastv", "fitprune", "dart")
 _SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-              Qwen2_5_VLForConditionalGeneration)
+              Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 _INNER = ("sdpa", "eager")
 # attention module -> (engine, layer index): who observes which layer's queries and keys
 _OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -408,11 +410,14 @@ class InLLMHandle(Handle):
         self._lm, self._layers, self._implementation = lm, layers, implementation
         self._pending: Optional[_Prefill] = None
         self._run: Optional[_Prefill] = None
+        self._last: Optional[_Prefill] = None
         self._decoding: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._signature = inspect.signature(model.model.forward)
 
         _register()
         lm.config._attn_implementation = f"visprune_{implementation}"
+        if hasattr(lm, "_deepstack_process"):        # Qwen3-VL: added after the early layers
+            lm._deepstack_process = self._wrap_deepstack(lm._deepstack_process)
         self._hooks = [model.register_forward_pre_hook(self._check_call, with_kwargs=True),
                        model.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
         for l, layer in enumerate(layers):
@@ -431,6 +436,7 @@ class InLLMHandle(Handle):
         for layer in self._layers:
             _OWNER.pop(layer.self_attn, None)
         self._lm.config._attn_implementation = self._implementation
+        self._lm.__dict__.pop("_deepstack_process", None)
         _ENABLED.pop(self.model, None)
         self.model = self._pending = self._run = None
 
@@ -520,7 +526,7 @@ class InLLMHandle(Handle):
     def _before_layer(self, l: int):
         def hook(module, args, kwargs):
             if l == 0:
-                self._run, self._pending = self._pending, None
+                self._run, self._pending, self._last = self._pending, None, None
                 if self._run is not None:
                     self._start(self._run, args, kwargs)
             run = self._run
@@ -626,8 +632,27 @@ class InLLMHandle(Handle):
         keys = torch.cat([group.valid, tail], 1)[:, None, :]
         return self._mask(keys, W + total, W + state.past, hidden.dtype)
 
+    def _wrap_deepstack(self, process):
+        """Qwen3-VL adds deepstack features to the visual tokens after its first layers, with a
+        mask over the whole prompt; once tokens are pruned, the mask and the features follow the
+        kept tokens (the latest group is the hidden state's layout)."""
+        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+            run = self._run if self._run is not None else self._last
+            if run is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
+                return process(hidden_states, visual_pos_masks, visual_embeds)
+            group = run.groups[-1]
+            full = visual_pos_masks.to(group.orig.device)
+            row = (full.flatten().cumsum(0) - 1).view_as(full)    # each visual token's row
+            index = group.orig.clamp(min=0)
+            mask = full.gather(1, index) & group.valid
+            return process(hidden_states, mask,
+                           visual_embeds[row.gather(1, index)[mask].to(visual_embeds.device)])
+
+        return deepstack
+
     def _finish(self, run: _Prefill) -> None:
         self.positions = run.groups[-1].orig        # after the last pruning layer
+        self._last = run        # Qwen3-VL adds deepstack features after the layer's hooks
         if run.cache is not None and len(run.groups) > 1:
             self._decoding[run.cache] = _Decode(run.image.shape[1], run.groups, run.group_of)
         self._run = None

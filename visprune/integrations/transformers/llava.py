@@ -37,6 +37,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import math
 import weakref
 from typing import Dict, List, Optional
@@ -59,6 +60,8 @@ _NEEDS_TEXT = ("trimtokenator", "cdpruner")
 _NEEDS_CLS = ("prumerge", "holov", "visionzip", "vispruner")
 # Methods that select (and merge) the CLIP features before the projector, as their originals.
 _PRE_PROJECTOR = ("prumerge", "visionzip", "vispruner")
+# Methods that prune every image of a call in one varlen launch, whatever their token counts.
+_VARLEN = ("divprune", "trimtokenator")
 # Method arguments the integration fills in from the model; the others are the caller's.
 _SUPPLIED = {"visual", "text", "keep", "text_mask", "mask", "features", "attn", "cls_attn", "keys",
              "cls_token", "relevance", "image_embeds", "text_embeds"}
@@ -143,12 +146,91 @@ class Handle:
         self.disable()
 
 
-class PruningHandle(Handle):
+class PromptPruning(Handle):
+    """What both pre-LLM handles share: a forward pre-hook that swaps a call's images and prompt
+    for :meth:`prune_inputs`' shrunk prompt and kept features, and a ``generate`` wrapper that
+    prunes the prompt once.  Subclasses set ``PROMPT_ARGS`` (the call arguments pruning
+    consumes) and ``VISUAL_ARGS`` (those that carry images) and define ``prune_inputs``."""
+
+    PROMPT_ARGS: tuple = ()
+    VISUAL_ARGS: tuple = ()
+
+    def _install(self, model) -> None:
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._forward_signature = inspect.signature(model.forward)
+        names = list(self._forward_signature.parameters)
+        self._first_visual = min(names.index(n) for n in self.VISUAL_ARGS)
+        self._own_generate = model.__dict__.get("generate", _MISSING)
+        model.generate = self._wrap_generate(model.generate)
+        _ENABLED[model] = self
+
+    def disable(self) -> None:
+        """Remove the hook and the ``generate`` wrapper: the model is as before ``enable``."""
+        if self.model is None:
+            return
+        self._hook.remove()
+        if self._own_generate is _MISSING:
+            del self.model.__dict__["generate"]
+        else:
+            self.model.__dict__["generate"] = self._own_generate
+        _ENABLED.pop(self.model, None)
+        self.model = None
+
+    def prune_inputs(self, **prompt) -> dict:
+        raise NotImplementedError
+
+    def _has_visuals(self, arguments: dict) -> bool:
+        return any(arguments.get(name) is not None and arguments[name].shape[0] > 0
+                   for name in self.VISUAL_ARGS)
+
+    def _pre_forward(self, module, args, kwargs):
+        if len(args) <= self._first_visual and all(kwargs.get(n) is None
+                                                   for n in self.VISUAL_ARGS):
+            return None                                  # a decoding step: no image
+        arguments = _bind(self._forward_signature, args, kwargs)
+        if not self._has_visuals(arguments):
+            return None
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("pruning images that arrive after a non-empty KV cache is "
+                                      "not supported: pass the images with the first call")
+        prompt = {name: arguments.pop(name, None) for name in self.PROMPT_ARGS}
+        arguments.update(self.prune_inputs(**prompt))
+        return (), arguments
+
+    def _wrap_generate(self, generate):
+        signature = inspect.signature(generate)
+
+        @functools.wraps(generate)
+        def pruned_generate(*args, **kwargs):
+            arguments = _bind(signature, args, kwargs)
+            if not self._has_visuals(arguments):
+                return generate(*args, **kwargs)
+            prompt = {name: arguments.pop(name, None) for name in self.PROMPT_ARGS}
+            inputs = arguments.pop("inputs", None)
+            if prompt["input_ids"] is None:
+                prompt["input_ids"] = inputs
+            width = prompt["input_ids"].shape[1]
+            limits = _length_limits(self.model, arguments, width)
+            with torch.no_grad():
+                pruned = self.prune_inputs(**prompt, left_align=True)
+            arguments.update({k: v for k, v in pruned.items() if v is not None})
+            _shift_limits(arguments, limits, width - pruned["input_ids"].shape[1])
+            out = generate(**arguments)
+            return _restore_prompt(out, prompt["input_ids"], pruned["input_ids"].shape[1])
+
+        return pruned_generate
+
+
+class PruningHandle(PromptPruning):
     """Pruning enabled on one model.  ``disable()`` (or the end of a ``with`` block) restores it.
 
     ``prune_inputs(...)`` is the transformation the hooks apply; call it directly to drive the
     model step by step (a custom decoding loop) with the shrunk prompt.
     """
+
+    PROMPT_ARGS = _PROMPT_ARGS
+    VISUAL_ARGS = ("pixel_values",)
 
     def __init__(self, model, method, keep, method_kwargs):
         if not isinstance(model, _SUPPORTED):
@@ -194,24 +276,7 @@ class PruningHandle(Handle):
             full = model.config.vision_feature_select_strategy == "full"
             self._check_budget([self._crop_tokens + full])
 
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._forward_signature = inspect.signature(model.forward)
-        self._own_generate = model.__dict__.get("generate", _MISSING)
-        model.generate = self._wrap_generate(model.generate)
-        _ENABLED[model] = self
-
-    # ------------------------------------------------------------------ enable / disable
-    def disable(self) -> None:
-        """Remove the hooks and the ``generate`` wrapper: the model is as before ``enable``."""
-        if self.model is None:
-            return
-        self._hook.remove()
-        if self._own_generate is _MISSING:
-            del self.model.__dict__["generate"]
-        else:
-            self.model.__dict__["generate"] = self._own_generate
-        _ENABLED.pop(self.model, None)
-        self.model = None
+        self._install(model)
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
@@ -397,7 +462,8 @@ class PruningHandle(Handle):
 
     def _prune_images(self, features, sources, got, input_ids, text_mask,
                       row) -> List[torch.Tensor]:
-        """The kept features ``[k_i, D]`` of every image; images with the same token count are
+        """The kept features ``[k_i, D]`` of every image: DivPrune and TrimTokenator in one varlen
+        call for all images; for the other methods, images with the same token count are
         pruned in one batched call."""
         if self.method in _PRE_PROJECTOR:
             # PruMerge and VisionZip select and merge the vision features before the projector,
@@ -420,6 +486,9 @@ class PruningHandle(Handle):
         if self.method in _NEEDS_TEXT:
             embeds = self.model.get_input_embeddings()(input_ids)
 
+        if self.method in _VARLEN:
+            return self._prune_varlen(features, sources, embeds if self.method in _NEEDS_TEXT
+                                      else None, text_mask, row)
         groups: Dict[int, List[int]] = {}
         for j, s in enumerate(sources):
             groups.setdefault(len(s), []).append(j)
@@ -447,43 +516,22 @@ class PruningHandle(Handle):
                 kept[j] = tokens[i, :n]
         return kept
 
-    # ------------------------------------------------------------------ the hooks
-    def _pre_forward(self, module, args, kwargs):
-        if kwargs.get("pixel_values") is None and len(args) < 2:     # a decoding step: no image
-            return None
-        arguments = _bind(self._forward_signature, args, kwargs)
-        if not _has_images(arguments):
-            return None
-        cache = arguments.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError("pruning images that arrive after a non-empty KV cache is "
-                                      "not supported: pass the images with the first call")
-        prompt = {name: arguments.pop(name, None) for name in _PROMPT_ARGS}
-        arguments.update(self.prune_inputs(**prompt))
-        return (), arguments
-
-    def _wrap_generate(self, generate):
-        signature = inspect.signature(generate)
-
-        @functools.wraps(generate)
-        def pruned_generate(*args, **kwargs):
-            arguments = _bind(signature, args, kwargs)
-            if not _has_images(arguments):
-                return generate(*args, **kwargs)
-            prompt = {name: arguments.pop(name, None) for name in _PROMPT_ARGS}
-            inputs = arguments.pop("inputs", None)
-            if prompt["input_ids"] is None:
-                prompt["input_ids"] = inputs
-            width = prompt["input_ids"].shape[1]
-            limits = _length_limits(self.model, arguments, width)
-            with torch.no_grad():
-                pruned = self.prune_inputs(**prompt, left_align=True)
-            arguments.update({k: v for k, v in pruned.items() if v is not None})
-            _shift_limits(arguments, limits, width - pruned["input_ids"].shape[1])
-            out = generate(**arguments)
-            return _restore_prompt(out, prompt["input_ids"], pruned["input_ids"].shape[1])
-
-        return pruned_generate
+    def _prune_varlen(self, features, sources, embeds, text_mask, row) -> List[torch.Tensor]:
+        """DivPrune / TrimTokenator on every image of the call in one varlen launch (images of
+        different token counts, LLaVA-NeXT), with the dense methods' rules: the kept features
+        of each image, ascending."""
+        packed = torch.cat(list(features), 0)
+        sizes = [len(s) for s in sources]
+        cu = torch.tensor([0, *itertools.accumulate(sizes)], device=packed.device)
+        kw = {k: v for k, v in self.method_kwargs.items() if k != "stage1_keep"}
+        if self.method == "divprune":
+            picked = ops.greedy_select_varlen(packed, cu, self.keep, objective="maxmin",
+                                              metric="cosine", start="auto", **kw).sort().values
+        else:
+            stage1 = [stage1_count(n, self._stage1) for n in sizes]
+            picked = ops.prune_varlen(packed, cu, embeds[row], self.keep, stage1_keep=stage1,
+                                      text_mask=text_mask[row], **kw).indices
+        return list(packed[picked].split([self.keep] * len(sizes)))
 
 
 def _length_limits(model, arguments: dict, width: int) -> Dict[str, int]:
@@ -533,11 +581,6 @@ def _shift_limits(arguments: dict, limits: Dict[str, int], removed: int) -> None
             setattr(copied, name, value)
         else:
             arguments[name] = value
-
-
-def _has_images(arguments: dict) -> bool:
-    pixel_values = arguments.get("pixel_values")
-    return pixel_values is not None and pixel_values.shape[0] > 0
 
 
 def _cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,0 +1,418 @@
+"""Visual-token pruning before the language model for transformers' Qwen2.5-VL and Qwen3-VL.
+
+``enable(model, method, keep, **options)`` makes a ``Qwen2_5_VLForConditionalGeneration`` or a
+``Qwen3VLForConditionalGeneration`` prune the merged visual tokens (the 2×2 patch merger's
+outputs) of every image and video between the vision tower and the language model.  The kept
+tokens keep their **original** 3-D M-RoPE positions (``get_rope_index`` on the unpruned prompt),
+and decoding continues from the unpruned prompt's positions, as every published Qwen
+integration and vLLM's EVS do.  Qwen3-VL's deepstack features are filtered with the same kept
+mask.  The returned handle's ``disable()`` (or leaving its ``with`` block) undoes it.
+
+``keep`` is per unit: an int is at most that many tokens of each unit (a smaller unit keeps all
+its tokens), a float in ``(0, 1]`` is that fraction of each unit's tokens, rounded half up, at
+least one.  A unit is an image; a video is one unit (``per_frame=False``, the default) or each
+of its frames (temporal patch groups) is one (``per_frame=True``).
+
+What each method reads (the towers have no CLS token):
+
+* ``trimtokenator`` / ``cdpruner``: the merged tokens and the prompt's text, i.e. the language
+  model's input embeddings of every token of the row that is not an image/video placeholder nor
+  padding (CDPruner's relevance: the original's ``-cos`` formula in that space);
+* ``divprune``: the merged tokens;
+* ``holov`` / ``vispruner``: the merged tokens and, in place of the CLS attention, the mean
+  attention each token receives in the vision tower's last block (computed from that block's
+  own q/k, with its RoPE and its attention segments; patch scores averaged over each 2×2 merge
+  group).  Nothing is switched to eager attention.
+* ``prumerge`` and ``visionzip`` are refused: they synthesise (merge) tokens, which have no
+  original M-RoPE position, and their merge keys are defined on CLIP's CLS layer.
+
+How it plugs in is the LLaVA integration's (:mod:`.llava`): a forward pre-hook rewrites a call
+with ``pixel_values`` / ``pixel_values_videos`` into one with the kept features as
+``mm_encoder_outputs``, the prompt without the pruned tokens' placeholders, and explicit
+``position_ids`` ``[4, B, L']`` (a contiguous text channel for the mask, then the kept tokens'
+original 3-D positions); ``generate`` is wrapped to prune the prompt once, and generate() then
+extends those positions by one per step, which continues the unpruned prompt's numbering.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+from typing import Dict, List, Optional
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ... import checks, methods, ops
+from ...backends import checked_name
+from ...common import stage1_count
+from .llava import _ENABLED, PromptPruning, _shrink_order
+
+__all__ = ["QwenPruningHandle", "QWEN_METHODS", "QWEN_REFUSED", "unit_budget"]
+
+QWEN_METHODS = ("trimtokenator", "divprune", "holov", "vispruner", "cdpruner")
+QWEN_REFUSED = {
+    "prumerge": "it merges tokens into synthesised ones with no original M-RoPE position, and "
+                "its merge keys and outlier rule are defined on CLIP's CLS attention",
+    "visionzip": "its contextual tokens are synthesised (merged) and have no original M-RoPE "
+                 "position, and its dominant tokens are defined by CLIP's CLS attention",
+}
+SUPPORTED = (Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+_NEEDS_TEXT = ("trimtokenator", "cdpruner")
+_NEEDS_ATTENTION = ("holov", "vispruner")
+_SUPPLIED = {"visual", "text", "keep", "text_mask", "mask", "features", "attn", "cls_attn",
+             "relevance", "image_embeds", "text_embeds"}
+_PROMPT_ARGS = ("input_ids", "pixel_values", "pixel_values_videos", "image_grid_thw",
+                "video_grid_thw", "mm_token_type_ids", "second_per_grid_ts", "attention_mask",
+                "position_ids", "labels")
+
+
+def unit_budget(keep, n: int) -> int:
+    """Tokens kept of a unit of ``n``: ``min(keep, n)`` for an int, ``round_half_up(keep·n)``
+    (at least 1, at most ``n``) for a float fraction; 0 for an empty unit."""
+    if n == 0:
+        return 0
+    if isinstance(keep, float):
+        return min(n, max(1, stage1_count(n, keep)))
+    return min(n, keep)
+
+
+def _check_keep(keep):
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be an int (tokens kept per image or video) or a float in "
+                        f"(0, 1] (a fraction of each one's tokens), got {keep!r}")
+    if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
+        raise ValueError(f"keep must be an int >= 1 or a float in (0, 1], got {keep!r}")
+    return keep
+
+
+class QwenPruningHandle(PromptPruning):
+    """Pre-LLM pruning enabled on a Qwen2.5-VL / Qwen3-VL model; see the module docstring.
+
+    ``prune_inputs(...)`` is the transformation the hooks apply; call it directly to drive the
+    model step by step with the shrunk prompt.  ``kept``: after a pruned call, per image then
+    per video, ``int64[k]`` the kept token indices (within that image's / video's tokens).
+    """
+
+    PROMPT_ARGS = _PROMPT_ARGS
+    VISUAL_ARGS = ("pixel_values", "pixel_values_videos")
+
+    def __init__(self, model, method, keep, method_kwargs):
+        if not isinstance(model, SUPPORTED):
+            names = ", ".join(c.__name__ for c in SUPPORTED)
+            raise TypeError(f"supports {names}, got {type(model).__name__}")
+        if model in _ENABLED:
+            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+        if method in QWEN_REFUSED:
+            raise ValueError(f"{method} is not available on {type(model).__name__}: "
+                             f"{QWEN_REFUSED[method]}; use one of {QWEN_METHODS}")
+        checks.choice("method", method, QWEN_METHODS)
+        kwargs = dict(method_kwargs)
+        self.per_frame = checks.flag("per_frame", kwargs.pop("per_frame", False))
+        fn = getattr(methods, method)
+        accepted = sorted(set(inspect.signature(fn).parameters) - _SUPPLIED)
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"{method} takes no argument(s) {unknown}; its options are "
+                            f"{sorted(accepted + ['per_frame'])}")
+        if keep is None:
+            raise ValueError(f"{method} needs keep (tokens kept per image or video: an int, or "
+                             f"a float fraction of each one's tokens)")
+        self.keep = _check_keep(keep)
+        if method == "holov" and kwargs.get("redistribute", True) is not True:
+            raise ValueError("holov on Qwen needs redistribute=True: the original's zero-padded "
+                             "tokens have no M-RoPE position")
+        if method == "trimtokenator":
+            self._stage1 = checks.fraction_or_count("stage1_keep", kwargs.get("stage1_keep", 0.8))
+        self.backend = checked_name(kwargs.get("backend"), model.device)
+        self.model, self.method, self.method_kwargs, self._fn = model, method, kwargs, fn
+        self._qwen3 = isinstance(model, Qwen3VLForConditionalGeneration)
+        self.kept: List[torch.Tensor] = []
+        self._dry_run()
+        self._install(model)
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return (f"QwenPruningHandle({self.method}, keep={self.keep}, per_frame={self.per_frame}, "
+                f"{self.method_kwargs}, {state})")
+
+    def _dry_run(self) -> None:
+        """The method's own option checks, at once, on a dummy unit (reference backend)."""
+        n = 64
+        x = torch.randn(1, n, 4, generator=torch.Generator().manual_seed(0))
+        k = unit_budget(self.keep, n)
+        self._batched(x, k, text=x[:, :2], text_mask=None,
+                      attn=torch.full((1, n), 1.0 / n), backend="reference")
+
+    # ------------------------------------------------------------------ selection
+    def _batched(self, visual, k, text=None, text_mask=None, attn=None, **overrides):
+        """The method on ``[G, n, D]`` units of one size; ``int64[G, k]`` kept indices."""
+        kw = {**self.method_kwargs, **overrides}
+        kw.pop("stage1_keep", None)
+        if self.method == "cdpruner":
+            relevance = -ops.mi_scores(visual, text, text_mask=text_mask, metric="cosine",
+                                       backend=kw.get("backend"))
+            return self._fn(visual, k, relevance=relevance, **kw).indices
+        if self.method == "trimtokenator":
+            s1 = max(k, min(stage1_count(visual.shape[1], self._stage1), visual.shape[1]))
+            return self._fn(visual, text, k, stage1_keep=s1, text_mask=text_mask, **kw).indices
+        if self.method == "divprune":
+            return self._fn(visual, k, **kw).indices
+        return self._fn(visual, attn, k, **kw).indices          # holov, vispruner
+
+    def _select(self, feats, cu, budgets, text, text_mask, unit_row, score) -> torch.Tensor:
+        """``bool[T]``: the kept tokens of the packed units ``feats[T, D]`` (``cu``: their
+        offsets, ``budgets``: tokens kept per unit)."""
+        T = feats.shape[0]
+        keep = torch.zeros(T, dtype=torch.bool, device=feats.device)
+        sizes = (cu[1:] - cu[:-1]).tolist()
+        live = [u for u, n in enumerate(sizes) if n > 0]
+        if not live:
+            return keep
+        backend = self.method_kwargs.get("backend")
+        if self.method == "divprune":           # one varlen launch over every unit
+            idx = ops.greedy_select_varlen(feats, cu, budgets, objective="maxmin",
+                                           metric="cosine", backend=backend)
+            return keep.index_fill_(0, idx, True)
+        if self.method == "trimtokenator":
+            stage1 = [max(k, min(stage1_count(n, self._stage1), n))
+                      for n, k in zip(sizes, budgets)]
+            options = {o: v for o, v in self.method_kwargs.items() if o != "stage1_keep"}
+            res = ops.prune_varlen(feats, cu, text[unit_row], budgets, stage1_keep=stage1,
+                                   text_mask=text_mask[unit_row], **options)
+            return keep.index_fill_(0, res.indices, True)
+        # the other methods are batched over the units of one size
+        groups: Dict[tuple, List[int]] = {}
+        for u in live:
+            groups.setdefault((sizes[u], budgets[u]), []).append(u)
+        starts = cu[:-1]
+        for (n, k), members in groups.items():
+            first = starts[members]
+            rows = first[:, None] + torch.arange(n, device=feats.device)
+            inputs = {}
+            if self.method in _NEEDS_TEXT:
+                r = unit_row[members]
+                inputs.update(text=text[r], text_mask=text_mask[r])
+            if self.method in _NEEDS_ATTENTION:
+                inputs["attn"] = score[rows]
+            idx = self._batched(feats[rows], k, **inputs)
+            keep[(first[:, None] + idx).flatten()] = True
+        return keep
+
+    # ------------------------------------------------------------------ the transformation
+    def prune_inputs(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                     pixel_values_videos: Optional[torch.Tensor] = None, *,
+                     image_grid_thw: Optional[torch.Tensor] = None,
+                     video_grid_thw: Optional[torch.Tensor] = None,
+                     mm_token_type_ids: Optional[torch.Tensor] = None,
+                     second_per_grid_ts: Optional[torch.Tensor] = None,
+                     attention_mask: Optional[torch.Tensor] = None,
+                     position_ids: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None,
+                     left_align: bool = False) -> dict:
+        """The model inputs with every image and video pruned.
+
+        Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` (``None``
+        where not given) without the pruned tokens' placeholders, ``position_ids``
+        ``[4, B, L']`` (a contiguous text channel, then each kept token's original 3-D M-RoPE
+        position), and ``mm_encoder_outputs`` with the kept features, to pass to the model's
+        forward or generate in place of the pixel values and grids.  The batch is re-padded to
+        its longest shrunk row: at the left with ``left_align`` (what generation needs) or when
+        the batch is left-padded, else at the right.  Sets the model's ``rope_deltas`` so that
+        a decoding step without ``position_ids`` continues the unpruned numbering.
+        """
+        model, config = self.model, self.model.config
+        inner = model.model
+        if input_ids is None:
+            raise ValueError("pruning needs input_ids with the image/video placeholder tokens "
+                             "(inputs_embeds alone is not supported)")
+        device = input_ids.device
+        merge = config.vision_config.spatial_merge_size
+        has_img = pixel_values is not None and pixel_values.shape[0] > 0
+        has_vid = pixel_values_videos is not None and pixel_values_videos.shape[0] > 0
+        for name, given, grid in (("pixel_values", has_img, image_grid_thw),
+                                  ("pixel_values_videos", has_vid, video_grid_thw)):
+            if given and grid is None:
+                grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
+                raise ValueError(f"{name} needs {grid_name}")
+        img_counts = (image_grid_thw.prod(-1) // merge ** 2).tolist() if has_img else []
+        vid_counts = (video_grid_thw.prod(-1) // merge ** 2).tolist() if has_vid else []
+        is_img = input_ids == config.image_token_id
+        is_vid = input_ids == config.video_token_id
+        for what, mask, counts in (("image", is_img, img_counts), ("video", is_vid, vid_counts)):
+            if int(mask.sum()) != sum(counts):
+                raise ValueError(f"input_ids hold {int(mask.sum())} {what} placeholder tokens, "
+                                 f"but the {len(counts)} {what}(s) have {counts} visual tokens")
+        padding = (torch.zeros_like(is_img) if attention_mask is None else attention_mask == 0)
+        text_mask = ~is_img & ~is_vid & ~padding
+        if mm_token_type_ids is None:   # what the processor gives: text 0, image 1, video 2
+            mm_token_type_ids = is_img.int() + 2 * is_vid.int()
+
+        # 1. The unpruned prompt's 3-D positions (before any work on the images).
+        if position_ids is None:
+            extra = {} if self._qwen3 else {"second_per_grid_ts": second_per_grid_ts}
+            pos, _ = inner.get_rope_index(
+                input_ids, mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw if has_img else None,
+                video_grid_thw=video_grid_thw if has_vid else None,
+                attention_mask=attention_mask, **extra)
+        else:
+            if position_ids.dim() != 3 or position_ids.shape[0] not in (3, 4):
+                raise ValueError(f"position_ids must be the 3-D M-RoPE positions [3 or 4, B, L], "
+                                 f"got shape {tuple(position_ids.shape)}")
+            pos = position_ids[-3:].expand(3, *input_ids.shape)
+
+        # 2. Units, budgets and the text, then encode and select.
+        units_img = self._units(img_counts, image_grid_thw, merge, video=False)
+        units_vid = self._units(vid_counts, video_grid_thw, merge, video=True)
+        embeds = None
+        if self.method in _NEEDS_TEXT:
+            rows_with_units = set()
+            for mask in (is_img, is_vid):
+                rows_with_units |= set(mask.any(1).nonzero()[:, 0].tolist())
+            empty = sorted(rows_with_units - set(text_mask.any(1).nonzero()[:, 0].tolist()))
+            if empty:
+                raise ValueError(f"{self.method} needs text tokens next to every image; row(s) "
+                                 f"{empty} have none (padding and placeholders do not count)")
+            embeds = model.get_input_embeddings()(input_ids)
+        outputs, keep_img, keep_vid = {}, None, None
+        self.kept = []
+        for what, has, pixels, grid, units, mask, counts in (
+                ("image", has_img, pixel_values, image_grid_thw, units_img, is_img, img_counts),
+                ("video", has_vid, pixel_values_videos, video_grid_thw, units_vid, is_vid,
+                 vid_counts)):
+            if not has:
+                continue
+            with self._attention_scores(grid) as scores:
+                get = inner.get_image_features if what == "image" else inner.get_video_features
+                encoded = get(pixels, grid, return_dict=True)
+            feats = torch.cat(list(encoded.pooler_output), 0)
+            cu = torch.tensor([0, *itertools.accumulate(units)], device=feats.device)
+            budgets = [unit_budget(self.keep, n) for n in units]
+            # each unit's row: the row of its first placeholder
+            rank = torch.nonzero(mask)[:, 0]                 # placeholders in (row, pos) order
+            unit_row = rank[cu[:-1].clamp(max=max(len(rank) - 1, 0)).to(rank.device)] \
+                if len(rank) else torch.zeros(len(units), dtype=torch.long, device=device)
+            with torch.no_grad():
+                kept = self._select(feats, cu, budgets, embeds, text_mask, unit_row,
+                                    scores.get("score"))
+            split = kept.split(counts)
+            self.kept += [s.nonzero()[:, 0] for s in split]
+            outputs[what] = self._kept_output(encoded, kept, split)
+            if what == "image":
+                keep_img = kept.to(device)
+            else:
+                keep_vid = kept.to(device)
+
+        # 3. Drop the pruned placeholders; kept tokens keep their original positions.
+        deleted = torch.zeros_like(is_img)
+        for mask, kept in ((is_img, keep_img), (is_vid, keep_vid)):
+            if kept is not None:
+                deleted[mask] = ~kept
+        real = ~deleted & ~padding
+        left = left_align or bool(padding[:, 0].any())
+        order, filler = _shrink_order(real, left)
+
+        def take(t, fill):
+            if t is None:
+                return None
+            return t.expand_as(input_ids).gather(1, order).masked_fill(filler, fill)
+
+        pad_id = getattr(config, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(config.text_config, "pad_token_id", None)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        new_mask = take(mask, 0)
+        vision = pos.gather(2, order[None].expand(3, -1, -1)).masked_fill(filler[None], 1)
+        text_pos = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+        new_pos = torch.cat([text_pos[None].to(vision.dtype), vision], 0)
+        # decode positions continue after the row's largest position, as without pruning
+        top = pos.masked_fill(padding[None], -1).amax((0, 2))
+        inner.rope_deltas = (top + 1 - real.sum(1))[:, None]
+        return {"input_ids": take(input_ids, 0 if pad_id is None else pad_id),
+                "attention_mask": new_mask, "position_ids": new_pos,
+                "mm_token_type_ids": take(mm_token_type_ids, 0), "labels": take(labels, -100),
+                "mm_encoder_outputs": outputs}
+
+    def _units(self, counts: List[int], grid, merge: int, video: bool) -> List[int]:
+        """Token count of every unit: one per image / video, or per frame of a video."""
+        if not (video and self.per_frame):
+            return list(counts)
+        units = []
+        for t, h, w in grid.tolist():
+            units += [h * w // merge ** 2] * t
+        return units
+
+    def _kept_output(self, encoded, kept: torch.Tensor, split) -> BaseModelOutputWithPooling:
+        """The encoder output with only the kept tokens (deepstack features too)."""
+        pooled = tuple(f[s] for f, s in zip(encoded.pooler_output, split))
+        deep = getattr(encoded, "deepstack_features", None)
+        if deep is None:
+            return BaseModelOutputWithPooling(pooler_output=pooled)
+        out = type(encoded)(pooler_output=pooled)
+        out.deepstack_features = [tuple(f[s] for f, s in zip(layer, split)) for layer in deep]
+        return out
+
+    @contextlib.contextmanager
+    def _attention_scores(self, grid):
+        """While a batch is encoded: ``got["score"]``, ``float32[T]``, the mean attention each
+        merged token receives in the tower's last block (methods that need it only)."""
+        got: dict = {}
+        if self.method not in _NEEDS_ATTENTION:
+            yield got
+            return
+        visual = self.model.model.visual
+        attn = visual.blocks[-1].attn
+        rotary = inspect.getmodule(type(attn)).apply_rotary_pos_emb_vision
+
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+            cos, sin = kwargs["position_embeddings"]
+            with torch.no_grad():
+                S = h.shape[0]
+                q, k, _ = module.qkv(h).reshape(S, 3, module.num_heads, -1).permute(
+                    1, 0, 2, 3).unbind(0)
+                q, k = rotary(q, k, cos, sin)
+                got["patch"] = received_in_segments(q, k, cu, module.scaling)
+
+        handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield got
+        finally:
+            handle.remove()
+        unit = visual.spatial_merge_unit if hasattr(visual, "spatial_merge_unit") \
+            else self.model.config.vision_config.spatial_merge_size ** 2
+        score = got.pop("patch").view(-1, unit).mean(1)
+        if getattr(visual, "window_size", None) is not None and \
+                hasattr(visual, "fullatt_block_indexes"):          # Qwen2.5-VL's window order
+            from transformers.vision_utils import get_vision_window_index
+            config = self.model.config.vision_config
+            window, _ = get_vision_window_index(grid, spatial_merge_size=config.spatial_merge_size,
+                                                window_size=config.window_size,
+                                                patch_size=config.patch_size)
+            score = score[torch.argsort(window.to(score.device))]
+        got["score"] = score
+
+
+def received_in_segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
+                         scale: float, chunk: int = 1024) -> torch.Tensor:
+    """``float32[S]``: per token, the softmax attention it receives from the queries of its own
+    segment (``cu_seqlens``), averaged over heads and queries (bidirectional attention, as in
+    the vision tower).  ``q``, ``k``: ``[S, H, dh]``.  Queries are taken ``chunk`` at a time, so
+    the memory is ``H·chunk·n`` per segment of ``n`` tokens."""
+    S, H, _ = q.shape
+    out = torch.zeros(S, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        kk = k[a:b].transpose(0, 1).float()                         # [H, n, dh]
+        acc = torch.zeros(b - a, dtype=torch.float32, device=q.device)
+        for s in range(a, b, chunk):
+            qq = q[s:min(s + chunk, b)].transpose(0, 1).float()     # [H, c, dh]
+            p = torch.softmax(qq @ kk.transpose(1, 2) * scale, dim=-1)
+            acc += p.sum((0, 1))
+        out[a:b] = acc / (H * (b - a))
+    return out

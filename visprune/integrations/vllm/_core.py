@@ -1,0 +1,285 @@
+"""What every model family of the vLLM plugin shares: the ``visprune`` entry of the HF config,
+its checks at start-up, the prompt's text for text-conditioned methods, and the method call on
+the encoder step's images.
+
+The method calls are the transformers integrations' (:class:`PruningHandle`'s ``_call``,
+``_prune_varlen`` and ``_dry_run`` for LLaVA, :class:`QwenPruningHandle`'s ``_select``,
+``_batched`` and ``_dry_run`` for Qwen), so both integrations feed every method the same inputs
+and keep the same tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ... import checks, methods
+from ...backends import checked_name
+from ..transformers.llava import _NEEDS_CLS, _NEEDS_TEXT, _PRE_PROJECTOR, _SUPPLIED
+from ..transformers.llava import METHODS as _TRANSFORMERS_METHODS
+from ..transformers.llava import _VARLEN, PruningHandle
+from ..transformers.qwen import _SUPPLIED as _QWEN_SUPPLIED
+from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _check_keep, \
+    unit_budget
+
+__all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "Settings", "settings",
+           "Pruner", "QwenPruner", "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "TEXT_FIELD",
+           "text_hashes", "prompt_text"]
+
+# Fixed-budget pre-LLM methods: vLLM fixes each image's placeholder count before its encoder
+# runs, so the method must return exactly ``keep`` tokens whatever the image shows.
+METHODS = tuple(m for m in _TRANSFORMERS_METHODS if m != "prumerge")
+REFUSED = {
+    "prumerge": "PruMerge / PruMerge+ choose each image's token count from its content "
+                "(adaptive), but vLLM fixes the placeholder count before the encoder runs",
+    "prumerge+": "PruMerge / PruMerge+ choose each image's token count from its content "
+                 "(adaptive), but vLLM fixes the placeholder count before the encoder runs",
+    "fastv": "FastV prunes inside the language model (between decoder layers), which vLLM's "
+             "placeholder model cannot express",
+    "fitprune": "FitPrune prunes inside the language model (between decoder layers), which "
+                "vLLM's placeholder model cannot express",
+    "dart": "DART prunes inside the language model (between decoder layers), which vLLM's "
+            "placeholder model cannot express",
+}
+# Qwen2.5-VL: the transformers Qwen integration's methods; PruMerge and VisionZip synthesise
+# tokens that have no original M-RoPE position.
+QWEN_REFUSED_ALL = {**REFUSED, **QWEN_REFUSED}
+NEEDS_TEXT = _NEEDS_TEXT
+NEEDS_CLS = _NEEDS_CLS
+PRE_PROJECTOR = _PRE_PROJECTOR
+# The multimodal-kwargs field that carries the prompt's text token ids to the encoder step.
+TEXT_FIELD = "visprune_text"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``visprune`` entry of a model's HF config: ``{"method": ..., "keep": ..., **options}``.
+
+    ``keep``: LLaVA, an int (tokens kept per image); Qwen, an int or a float fraction of each
+    image's tokens (:func:`budget`)."""
+
+    method: str
+    keep: Union[int, float]
+    options: Dict[str, object] = field(default_factory=dict)
+
+    def budget(self, n: int) -> int:
+        """Tokens kept of an image of ``n`` tokens (its placeholder count)."""
+        return unit_budget(self.keep, n)
+
+    @property
+    def needs_text(self) -> bool:
+        return self.method in NEEDS_TEXT
+
+    @property
+    def needs_cls(self) -> bool:
+        return self.method in NEEDS_CLS
+
+
+def settings(hf_config, family: str = "llava") -> Optional[Settings]:
+    """The checked :class:`Settings` of ``hf_config`` (``None``: the model does not prune).
+    ``family``: ``"llava"`` or ``"qwen"`` (their methods and ``keep`` differ).
+
+    Every error here is raised while vLLM builds the model or its processor, before any
+    request."""
+    raw = getattr(hf_config, "visprune", None)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f'visprune: the "visprune" entry of the model config must be a dict '
+                         f'such as {{"method": "divprune", "keep": 64}}, got {raw!r}')
+    qwen = family == "qwen"
+    supported, refused = (QWEN_METHODS, QWEN_REFUSED_ALL) if qwen else (METHODS, REFUSED)
+    supplied = _QWEN_SUPPLIED if qwen else _SUPPLIED
+    model = "Qwen2.5-VL" if qwen else "LLaVA"
+    raw = dict(raw)
+    method, keep = raw.pop("method", None), raw.pop("keep", None)
+    if method in refused:
+        raise ValueError(f"visprune: method {method!r} is not supported in vLLM on {model}: "
+                         f"{refused[method]}. Supported: {', '.join(supported)}")
+    if method not in supported:
+        raise ValueError(f"visprune: unknown method {method!r}; the vLLM plugin supports "
+                         f"{', '.join(supported)} on {model}")
+    if qwen:
+        try:
+            keep = _check_keep(keep)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"visprune: {method} needs keep (visual tokens kept per image): "
+                             f"{e}") from None
+    else:
+        try:
+            keep = checks.count("keep", keep)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"visprune: {method} needs keep (visual tokens kept per image), an "
+                             f"int >= 1: {e}") from None
+        if keep < 1:
+            raise ValueError(f"visprune: {method} needs keep >= 1, got {keep}")
+    accepted = sorted(set(inspect.signature(getattr(methods, method)).parameters) - supplied)
+    unknown = sorted(set(raw) - set(accepted))
+    if unknown:
+        raise ValueError(f"visprune: {method} takes no option(s) {unknown}; its options are "
+                         f"{accepted}")
+    if qwen and method == "holov" and raw.get("redistribute", True) is not True:
+        raise ValueError("visprune: holov on Qwen2.5-VL needs redistribute=True: the original's "
+                         "zero-padded tokens have no M-RoPE position")
+    return Settings(method, keep, raw)
+
+
+def prompt_text(embed, text_ids) -> Dict[str, torch.Tensor]:
+    """``text[I, M, D]`` and ``text_mask[I, M]``: each image's prompt text (``text_ids``: a
+    tensor ``[I, M]`` or ``I`` tensors, the token ids that field :data:`TEXT_FIELD` carries)
+    through ``embed`` (the LLM's input embeddings), in one call for the encoder step."""
+    ids = list(text_ids) if not isinstance(text_ids, torch.Tensor) else list(text_ids.unbind())
+    lengths = torch.tensor([len(t) for t in ids], device=ids[0].device)
+    embeds = embed(torch.cat(ids))
+    text = pad_sequence(list(embeds.split(lengths.tolist())), batch_first=True)
+    mask = torch.arange(text.shape[1], device=lengths.device) < lengths[:, None]
+    return {"text": text, "text_mask": mask}
+
+
+def text_hashes(hashes: Mapping[str, List[str]], text_ids: Sequence[int]) -> Dict[str, List[str]]:
+    """``hashes`` (vLLM's per-item multimodal hashes) made to depend on the prompt's text too:
+    the encoder cache, the processor cache and the prefix cache are keyed by them, and a
+    text-conditioned method prunes one image differently for two prompts."""
+    digest = hashlib.sha256(repr(list(text_ids)).encode()).hexdigest()[:32]
+    return {modality: [f"{h}.visprune-text-{digest}" for h in items]
+            for modality, items in hashes.items()}
+
+
+class Pruner:
+    """One model's method, called on the encoder step's images.
+
+    ``crop_tokens``: the token count of a full image crop (the budget of the dry run at
+    start-up)."""
+
+    # The transformers integration's method call and start-up dry run, shared as they are: the
+    # two integrations must feed every method the same inputs.
+    _call = PruningHandle._call
+    _prune_varlen = PruningHandle._prune_varlen
+    _dry_run = PruningHandle._dry_run
+
+    def __init__(self, config: Settings, crop_tokens: int, device: torch.device):
+        # A list to append each pruned image's kept indices to (tests, debugging), or None.
+        # The varlen path (DivPrune / TrimTokenator on images of different sizes) returns tokens
+        # only and records nothing.
+        self.record: Optional[list] = None
+        self.method, self.keep = config.method, config.keep
+        self.method_kwargs = dict(config.options)
+        self._fn = getattr(methods, self.method)
+        self._crop_tokens = crop_tokens
+        if self.method == "trimtokenator":
+            self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
+                "stage1_keep", inspect.signature(self._fn).parameters["stage1_keep"].default))
+        checked_name(self.method_kwargs.get("backend"), device)
+        try:
+            self._dry_run()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"visprune: {self.method} with {dict(config.options)} and "
+                             f"keep={self.keep}: {e}") from None
+
+    def prune(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
+              text_mask: Optional[torch.Tensor] = None, attn: Optional[List[torch.Tensor]] = None,
+              keys: Optional[List[torch.Tensor]] = None,
+              cls_token: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """The kept tokens ``[min(keep, N_i), D]`` of every image ``visual[i]: [N_i, D]``.
+
+        ``text[I, M, D]`` / ``text_mask[I, M]``: each image's prompt text (padded), ``attn[i]:
+        [N_i]`` / ``keys[i]: [N_i, Dk]``: its CLS attention and keys, ``cls_token[I, D]``: its
+        CLS token (VisionZip).  DivPrune and TrimTokenator prune every image in one varlen call
+        (the transformers integration's); for the other methods, images with the same token
+        count go through the method in one batched call.  An image with fewer than ``keep``
+        tokens keeps them all."""
+        kept: List[Optional[torch.Tensor]] = [None] * len(visual)
+        pruned = []
+        for i, v in enumerate(visual):
+            if v.shape[0] < self.keep:
+                kept[i] = v
+            else:
+                pruned.append(i)
+        if self.method in _VARLEN and pruned:
+            images = [visual[i] for i in pruned]
+            row = torch.tensor(pruned, device=images[0].device)
+            # _prune_varlen reads the images' token counts from its ``sources`` argument
+            for i, tokens in zip(pruned, self._prune_varlen(images, images, text, text_mask, row)):
+                kept[i] = tokens
+            return kept
+        groups: Dict[int, List[int]] = {}
+        for i in pruned:
+            groups.setdefault(visual[i].shape[0], []).append(i)
+        for n, members in groups.items():
+            index = torch.tensor(members, device=visual[members[0]].device)
+            inputs = {}
+            if text is not None:
+                inputs.update(text=text[index], text_mask=text_mask[index])
+            if attn is not None:
+                inputs["attn"] = torch.stack([attn[i] for i in members])
+            if keys is not None:
+                inputs["keys"] = torch.stack([keys[i] for i in members])
+            overrides = {}
+            if cls_token is not None:
+                overrides["cls_token"] = cls_token[index]
+            result = self._call(torch.stack([visual[i] for i in members]), **inputs, **overrides)
+            for row, i in enumerate(members):
+                kept[i] = result.tokens[row]
+                if self.record is not None:
+                    self.record.append(result.indices[row].cpu())
+        return kept
+
+    def prune_dense(self, visual: torch.Tensor, **inputs) -> torch.Tensor:
+        """:meth:`prune` for images of one size, ``visual[I, N, D]`` -> ``[I, keep, D]``: one
+        call, no per-image work (LLaVA-1.5, precomputed embeddings of one size)."""
+        if visual.shape[1] < self.keep:
+            return visual
+        result = self._call(visual, **inputs)
+        if self.record is not None:
+            self.record.extend(result.indices.cpu())
+        return result.tokens
+
+
+class QwenPruner:
+    """A Qwen2.5-VL model's method, called on the encoder step's images: the transformers Qwen
+    integration's selection (DivPrune and TrimTokenator in one varlen call over all images,
+    the other methods batched over images of one size)."""
+
+    _select = QwenPruningHandle._select
+    _batched = QwenPruningHandle._batched
+    _dry_run = QwenPruningHandle._dry_run
+
+    def __init__(self, config: Settings, device: torch.device):
+        # A list to append each pruned image's kept indices to (tests, debugging), or None.
+        self.record: Optional[list] = None
+        self.method, self.keep = config.method, config.keep
+        self.method_kwargs = dict(config.options)
+        self._fn = getattr(methods, self.method)
+        if self.method == "trimtokenator":
+            self._stage1 = checks.fraction_or_count("stage1_keep",
+                                                    self.method_kwargs.get("stage1_keep", 0.8))
+        checked_name(self.method_kwargs.get("backend"), device)
+        try:
+            self._dry_run()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"visprune: {self.method} with {dict(config.options)} and "
+                             f"keep={self.keep}: {e}") from None
+
+    def select(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
+               text_mask: Optional[torch.Tensor] = None,
+               score: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Per image ``visual[i]: [N_i, D]``, ``int64[unit_budget(keep, N_i)]``: the kept token
+        indices, ascending.  ``text[I, M, D]`` / ``text_mask[I, M]``: each image's prompt text;
+        ``score[ΣN_i]``: each token's attention substitute (HoloV / VisPruner)."""
+        sizes = [v.shape[0] for v in visual]
+        feats = torch.cat(list(visual), 0)
+        cu = torch.tensor([0, *itertools.accumulate(sizes)], device=feats.device)
+        budgets = [unit_budget(self.keep, n) for n in sizes]
+        rows = torch.arange(len(sizes), device=feats.device)
+        with torch.no_grad():
+            mask = self._select(feats, cu, budgets, text, text_mask, rows, score)
+        kept = [m.nonzero()[:, 0] for m in mask.split(sizes)]
+        if self.record is not None:
+            self.record.extend(k.cpu() for k in kept)
+        return kept
