@@ -5,14 +5,17 @@
 // * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
 //   running min / sum per candidate and take one argmax per step, all in C++;
 // * the maxmin start (min over j != i of d(i, j)) needs every pair: it runs over the upper
-//   triangle only (GEMM-style 6×16 register tiles) and keeps the distances for the steps;
+//   triangle only (BLAS row panels on AVX-512 CPUs, GEMM-style 6×16 AVX2 register tiles
+//   elsewhere) and keeps the distances for the steps; maxsum keeps a BLAS triangle too where that
+//   beats streaming rows (choose_strategy);
 // * the maxsum start and mi_scores are linear in a per-row summary (Σ x̂_j, x̄, t̄): N·D work;
 // * work is split over batch rows when there are enough of them, otherwise within a row
 //   (at::parallel_for, so both cores are busy at batch size 1).
 //
 // Exact ties must stay exact (bitwise-identical tokens are picked in index order), so each kind
 // of distance goes through one routine whose result depends only on the two tokens, never on
-// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start.
+// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start;
+// BLAS products get that property from bitwise-duplicate representatives (duplicate_of).
 // Inputs are converted to fp32 and normalised with the same ATen ops as the reference
 // (prepare_tokens), so zero, huge and non-finite tokens behave the same.
 #include <ATen/ATen.h>
