@@ -5,14 +5,17 @@
 // * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
 //   running min / sum per candidate and take one argmax per step, all in C++;
 // * the maxmin start (min over j != i of d(i, j)) needs every pair: it runs over the upper
-//   triangle only (GEMM-style 6×16 register tiles) and keeps the distances for the steps;
+//   triangle only (BLAS row panels on AVX-512 CPUs, GEMM-style 6×16 AVX2 register tiles
+//   elsewhere) and keeps the distances for the steps; maxsum keeps a BLAS triangle too where that
+//   beats streaming rows (choose_strategy);
 // * the maxsum start and mi_scores are linear in a per-row summary (Σ x̂_j, x̄, t̄): N·D work;
 // * work is split over batch rows when there are enough of them, otherwise within a row
 //   (at::parallel_for, so both cores are busy at batch size 1).
 //
 // Exact ties must stay exact (bitwise-identical tokens are picked in index order), so each kind
 // of distance goes through one routine whose result depends only on the two tokens, never on
-// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start.
+// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start;
+// BLAS products get that property from bitwise-duplicate representatives (duplicate_of).
 // Inputs are converted to fp32 and normalised with the same ATen ops as the reference
 // (prepare_tokens), so zero, huge and non-finite tokens behave the same.
 #include <ATen/ATen.h>
@@ -22,6 +25,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -72,11 +76,28 @@ void dot_tile_portable(const float* const* a, const float* const* b, int64_t D, 
     }
 }
 
+// The instruction set the kernels use, chosen once per process: what the CPU supports, capped
+// by VISPRUNE_CPU_ISA=portable|avx2|avx512 (to measure or test a slower path on a faster CPU).
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa isa() {
+  static const Isa level = [] {
+    Isa cpu = Isa::kPortable;
 #ifdef VISPRUNE_X86
-bool use_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cpu = Isa::kAvx2;
+    if (cpu == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) cpu = Isa::kAvx512;
+#endif
+    const char* cap = std::getenv("VISPRUNE_CPU_ISA");
+    Isa want = Isa::kAvx512;
+    if (cap != nullptr && std::strcmp(cap, "portable") == 0) want = Isa::kPortable;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) want = Isa::kAvx2;
+    return std::min(cpu, want);
+  }();
+  return level;
 }
+
+#ifdef VISPRUNE_X86
+bool use_avx2() { return isa() >= Isa::kAvx2; }
 
 // lane_sum's tree on a register: (l0+l4, l1+l5, l2+l6, l3+l7), then (0+2, 1+3), then the two.
 __attribute__((target("avx2,fma"))) inline float lane_sum_avx2(__m256 v) {
@@ -401,6 +422,193 @@ std::vector<float> nearest_distances(const Rows& X, const std::vector<int64_t>& 
   return mins;
 }
 
+// --------------------------------------------------------------------------- all pairs by BLAS
+// The same pairs through the BLAS matrix product (at::mm_out: MKL / OpenBLAS with the CPU's
+// widest vectors, AVX-512 included): row panels [p0, p1) × [p0, c) of the upper triangle, one
+// product each, balanced pairs of panels per task.  Inside at::parallel_for the BLAS runs on the
+// calling thread, so the panels, not the BLAS, are split over the cores.
+//
+// A BLAS product may round one pair differently by where it sits in its tiles, and exact ties
+// must stay exact.  The pair value therefore comes from the pair's canonical representatives:
+// every candidate equal bit for bit to a lower one takes that one's entries (duplicate_of), so
+// bitwise-identical tokens get bitwise-identical distances, as in the hand-written kernels.
+
+// The candidates' rows as a [c, D] tensor: a view when they are rows 0..c-1, else a copy.
+at::Tensor candidate_rows(const Rows& X, const std::vector<int64_t>& cand) {
+  const int64_t c = static_cast<int64_t>(cand.size());
+  const at::Tensor all = at::from_blob(const_cast<float*>(X.y), {cand.back() + 1, X.D},
+                                       at::TensorOptions().dtype(at::kFloat));
+  if (cand.back() + 1 == c) return all;  // ascending and unique: exactly rows 0..c-1
+  return all.index_select(
+      0, at::from_blob(const_cast<int64_t*>(cand.data()), {c}, at::TensorOptions().dtype(at::kLong)));
+}
+
+// rep[p] = the lowest candidate position whose row is bitwise equal to candidate p's (p itself
+// for most).  Rows are bucketed by a hash of 32 sampled entries, then compared in full.
+std::vector<int64_t> duplicate_of(const Rows& X, const std::vector<int64_t>& cand, bool* any) {
+  const int64_t c = static_cast<int64_t>(cand.size()), D = X.D;
+  std::vector<std::pair<uint64_t, int64_t>> h(static_cast<size_t>(c));
+  for (int64_t p = 0; p < c; ++p) {
+    const float* v = X.row(cand[p]);
+    uint64_t x = 1469598103934665603ull;
+    for (int64_t t = 0; t < 32; ++t) {
+      uint32_t bits;
+      std::memcpy(&bits, v + t * D / 32, sizeof(bits));
+      x = (x ^ bits) * 1099511628211ull;
+    }
+    h[p] = {x, p};
+  }
+  std::sort(h.begin(), h.end());
+  std::vector<int64_t> rep(static_cast<size_t>(c));
+  for (int64_t p = 0; p < c; ++p) rep[p] = p;
+  *any = false;
+  for (int64_t a = 0; a < c;) {
+    int64_t e = a + 1;
+    while (e < c && h[e].first == h[a].first) ++e;
+    for (int64_t u = a + 1; u < e; ++u)  // positions ascend within a bucket: the first match is the lowest
+      for (int64_t w = a; w < u; ++w) {
+        const int64_t pu = h[u].second, pw = h[w].second;
+        if (rep[pw] == pw && std::memcmp(X.row(cand[pu]), X.row(cand[pw]), D * sizeof(float)) == 0) {
+          rep[pu] = pw;
+          *any = true;
+          break;
+        }
+      }
+    a = e;
+  }
+  return rep;
+}
+
+// Distances of candidate rows [p0, p1) to the columns q in [p0, c) from one BLAS product:
+// d(p, q) lands in out[(p - p0) * ld + (q - p0)] for q >= p (the entries with q < p are scratch).
+void pair_panel(const at::Tensor& Yc, const Rows& X, const float* sqc, int64_t p0, int64_t p1,
+                float* out, int64_t ld) {
+  const int64_t c = Yc.size(0), w = c - p0;
+  at::Tensor o = at::from_blob(out, {p1 - p0, w}, {ld, 1}, Yc.options());
+  at::mm_out(o, Yc.narrow(0, p0, p1 - p0), Yc.narrow(0, p0, w).t());
+  for (int64_t p = p0; p < p1; ++p) {
+    float* r = out + (p - p0) * ld;
+    if (X.metric == Metric::kCosine) {
+      for (int64_t j = p - p0; j < w; ++j) {
+        const float d = 1.0f - r[j];
+        r[j] = d > 0.0f ? d : 0.0f;
+      }
+    } else {
+      const float sp = sqc[p];
+      for (int64_t j = p - p0; j < w; ++j) {
+        const float d = (sp + sqc[p0 + j]) - 2.0f * r[j];
+        r[j] = d > 0.0f ? d : 0.0f;
+      }
+    }
+  }
+}
+
+// Row panels of the c candidates: about 96 rows each (MKL at N = 576, D = 4096, 1 thread: 24 ms
+// for the triangle in 96-row panels, 28 in 64-row ones, 44 for the full product), a multiple of
+// 2 per thread so that the panel pairs (u, n-1-u) split evenly.
+int64_t panel_rows(int64_t c, int64_t slots) {
+  const int64_t per = 2 * slots;
+  const int64_t n = std::max<int64_t>(1, (c + 96 * per - 1) / (96 * per)) * per;
+  return std::max<int64_t>(1, (c + n - 1) / n);
+}
+
+// f(p0, p1, slot) for every row panel, balanced over the threads.
+template <class F>
+void for_panels(bool parallel, int64_t c, const F& f) {
+  const int64_t h = panel_rows(c, nslots(parallel)), np = (c + h - 1) / h;
+  for_range(parallel, (np + 1) / 2, 1, [&](int64_t u0, int64_t u1, int64_t slot) {
+    for (int64_t u = u0; u < u1; ++u) {
+      f(u * h, std::min(c, (u + 1) * h), slot);
+      const int64_t v = np - 1 - u;
+      if (v != u) f(v * h, std::min(c, (v + 1) * h), slot);
+    }
+  });
+}
+
+// The squared norms of the candidates (l2), in candidate order.
+std::vector<float> candidate_sq(const Rows& X, const std::vector<int64_t>& cand) {
+  std::vector<float> sqc;
+  if (X.metric == Metric::kL2)
+    for (int64_t i : cand) sqc.push_back(X.sq[i]);
+  return sqc;
+}
+
+// The upper triangle (diagonal included) of the c×c distances into dist (leading dimension c),
+// through BLAS panels, with duplicates made exact.  Returns maxmin's start key min_{j != i} d(i, j)
+// for every candidate when `keys` is set.
+std::vector<float> blas_distances(const Rows& X, const std::vector<int64_t>& cand, bool parallel,
+                                  float* dist, bool keys) {
+  const int64_t c = static_cast<int64_t>(cand.size());
+  const at::Tensor Yc = candidate_rows(X, cand);
+  const std::vector<float> sqc = candidate_sq(X, cand);
+  for_panels(parallel, c, [&](int64_t p0, int64_t p1, int64_t) {
+    pair_panel(Yc, X, sqc.data(), p0, p1, dist + p0 * c + p0, c);
+  });
+  bool dup = false;
+  const std::vector<int64_t> rep = duplicate_of(X, cand, &dup);
+  if (dup) {  // pairs of representatives are never rewritten, so the order does not matter
+    auto at = [&](int64_t a, int64_t b) { return dist[std::min(a, b) * c + std::max(a, b)]; };
+    for (int64_t p = 0; p < c; ++p)
+      for (int64_t q = p; q < c; ++q)
+        if (rep[p] != p || rep[q] != q) dist[p * c + q] = at(rep[p], rep[q]);
+  }
+  std::vector<float> mins;
+  if (!keys) return mins;
+  const int64_t slots = nslots(parallel);
+  mins.assign(static_cast<size_t>(slots * c), kInf);
+  for_panels(parallel, c, [&](int64_t p0, int64_t p1, int64_t slot) {
+    float* m = mins.data() + slot * c;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* r = dist + p * c;
+      float rm[4] = {m[p], kInf, kInf, kInf};
+      int64_t q = p + 1;
+      for (; q + 4 <= c; q += 4)
+        for (int l = 0; l < 4; ++l) {
+          rm[l] = std::min(rm[l], r[q + l]);
+          m[q + l] = std::min(m[q + l], r[q + l]);
+        }
+      for (; q < c; ++q) rm[0] = std::min(rm[0], r[q]), m[q] = std::min(m[q], r[q]);
+      m[p] = std::min(std::min(rm[0], rm[1]), std::min(rm[2], rm[3]));
+    }
+  });
+  for (int64_t t = 1; t < slots; ++t)  // min is exact: the merge order does not matter
+    for (int64_t p = 0; p < c; ++p) mins[p] = std::min(mins[p], mins[t * c + p]);
+  mins.resize(static_cast<size_t>(c));
+  return mins;
+}
+
+// maxmin's start key through BLAS panels without keeping the distances (c² does not fit): each
+// panel's distances go to per-thread scratch and are folded into the minima at once.  A duplicate
+// takes its representative's key, so exact ties stay exact.
+std::vector<float> blas_nearest(const Rows& X, const std::vector<int64_t>& cand, bool parallel) {
+  const int64_t c = static_cast<int64_t>(cand.size());
+  const at::Tensor Yc = candidate_rows(X, cand);
+  const std::vector<float> sqc = candidate_sq(X, cand);
+  const int64_t slots = nslots(parallel), h = panel_rows(c, slots);
+  std::vector<float> mins(static_cast<size_t>(slots * c), kInf);
+  std::vector<float> scratch(static_cast<size_t>(slots * h * c));
+  for_panels(parallel, c, [&](int64_t p0, int64_t p1, int64_t slot) {
+    float* m = mins.data() + slot * c;
+    float* buf = scratch.data() + slot * h * c;
+    const int64_t w = c - p0;
+    pair_panel(Yc, X, sqc.data(), p0, p1, buf, w);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* r = buf + (p - p0) * w;  // r[q - p0] = d(p, q)
+      float rm = m[p];
+      for (int64_t q = p + 1; q < c; ++q) rm = std::min(rm, r[q - p0]), m[q] = std::min(m[q], r[q - p0]);
+      m[p] = rm;
+    }
+  });
+  for (int64_t t = 1; t < slots; ++t)
+    for (int64_t p = 0; p < c; ++p) mins[p] = std::min(mins[p], mins[t * c + p]);
+  mins.resize(static_cast<size_t>(c));
+  bool dup = false;
+  const std::vector<int64_t> rep = duplicate_of(X, cand, &dup);
+  if (dup)
+    for (int64_t p = 0; p < c; ++p) mins[p] = mins[rep[p]];
+  return mins;
+}
+
 // Whether a normalised token holds a NaN: its entries are otherwise finite with |v| <= 1, so v·v
 // is NaN exactly then.
 bool has_nan(const float* v, int64_t D) { return std::isnan(dot(v, v, D)); }
@@ -470,6 +678,54 @@ int64_t argmax(const std::vector<float>& key) {
 constexpr int64_t kParallelStepWork = int64_t(1) << 17;
 constexpr int64_t kMaxStoredDistances = int64_t(1) << 22;  // 16 MiB of fp32
 
+// How a greedy row gets its distances.  VISPRUNE_CPU_GREEDY=tiles|gram|stream forces one (tests,
+// measurements); every one gives the same indices up to near-ties decided by rounding.
+// * kGram: every pair through BLAS panels (blas_distances), the triangle kept, steps read it;
+// * kTiles: maxmin's start over the hand-written register tiles (nearest_distances), kept;
+// * kStream: nothing kept: each step computes row s (k·c·D); maxmin's start through BLAS panels
+//   folded into minima at once (blas_nearest).
+// A triangle that does not fit kMaxStoredDistances is never kept (kGram and kTiles then stream
+// the steps).
+enum class Strategy { kAuto, kGram, kTiles, kStream };
+
+Strategy forced_strategy() {
+  const char* v = std::getenv("VISPRUNE_CPU_GREEDY");
+  if (v == nullptr) return Strategy::kAuto;
+  if (std::strcmp(v, "gram") == 0) return Strategy::kGram;
+  if (std::strcmp(v, "tiles") == 0) return Strategy::kTiles;
+  if (std::strcmp(v, "stream") == 0) return Strategy::kStream;
+  return Strategy::kAuto;
+}
+
+// Whether at::mm on fp32 is true fp32 here: torch's matmul precision lowered by the caller may
+// let oneDNN round through bf16 / TF32 (selection is discrete); the hand-written kernels serve
+// then.
+bool blas_is_fp32() {
+  auto& ctx = at::globalContext();
+  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST &&
+         p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
+}
+
+// The rule of "auto", per machine and shape.  maxmin's start needs every pair: on a CPU with
+// AVX-512 through BLAS (whose fp32 rate is twice an AVX2 kernel's), else over the hand-written
+// AVX2 tiles, which beat MKL's row panels on the AVX2 machine measured (2-core AMD EPYC, N = 576,
+// D = 1024 / 4096, 1 thread: 98 vs 121 ms and 14 vs 21 ms under the same load); kept when it
+// fits.  Otherwise the steps need k rows: streaming them costs k·c·D multiply-adds bounded by
+// cache bandwidth, the kept triangle c²·D/2 at the BLAS's rate.  On that machine streaming won
+// (maxsum, N = 576, D = 4096: 73 vs 135 ms for the triangle); with AVX-512 the BLAS doubles its
+// rate while the streamed steps stay bounded by L3 bandwidth, so there the triangle is taken
+// while c / (2k) < 6 (an estimate: no AVX-512 machine was measured for this rule).
+Strategy choose_strategy(int64_t c, int64_t k, bool all_pairs, bool blas_ok) {
+  Strategy s = forced_strategy();
+  if (!blas_ok && s != Strategy::kStream) s = Strategy::kTiles;
+  if (s != Strategy::kAuto) return s;
+  const bool fits = c * c <= kMaxStoredDistances;
+  if (isa() != Isa::kAvx512) return all_pairs ? Strategy::kTiles : Strategy::kStream;
+  if (all_pairs) return fits ? Strategy::kGram : Strategy::kStream;
+  return fits && c < 12 * k ? Strategy::kGram : Strategy::kStream;
+}
+
 // The steps of a greedy loop over c candidates, each returning the argmax of its update.  A step
 // is split over the threads when it does enough work (`work` multiply-adds) to pay for waking
 // them, in fixed chunks (not per-thread ones): the argmax is the same for any split.  A split step
@@ -535,16 +791,25 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
   // anyway (uninitialised: only the triangle is written and read).
   std::unique_ptr<float[]> stored;
   float* dist = nullptr;
+  const bool all_pairs = start < 0 && obj == Objective::kMaxMin;  // the start rule needs every pair
+  const Strategy plan = choose_strategy(c, k, all_pairs, blas_is_fp32());
+  const bool fits = c * c <= kMaxStoredDistances;
+  if (fits && (plan == Strategy::kGram || (plan == Strategy::kTiles && all_pairs))) {
+    stored.reset(new float[static_cast<size_t>(c * c)]);
+    dist = stored.get();
+  }
   int64_t sp;  // position in cand of the token selected next
   if (start >= 0) {
     sp = std::lower_bound(cand.begin(), cand.end(), start) - cand.begin();
     TORCH_CHECK_VALUE(sp < c && cand[sp] == start, "start=", start,
                       " is not a candidate (mask is False there) in row ", row);
+    if (dist) blas_distances(X, cand, parallel, dist, false);
   } else if (obj == Objective::kMaxMin) {
-    if (c * c <= kMaxStoredDistances) stored.reset(new float[static_cast<size_t>(c * c)]);
-    dist = stored.get();
-    sp = argmax(nearest_distances(X, cand, parallel, dist));
+    sp = argmax(plan == Strategy::kTiles ? nearest_distances(X, cand, parallel, dist)
+                : dist                  ? blas_distances(X, cand, parallel, dist, true)
+                                        : blas_nearest(X, cand, parallel));
   } else {
+    if (dist) blas_distances(X, cand, parallel, dist, false);
     sp = argmax(distance_sums(X, cand, parallel));
   }
 

@@ -37,20 +37,32 @@ def similarity_variance(features: torch.Tensor, num_crops: int) -> torch.Tensor:
     """``float32[B, N]``: ``V_i = Σ_j (S_ij - μ_i)² / (M-1)``, ``μ_i = Σ_j S_ij / (M-1)``, with
     ``S = F Fᵀ`` (diagonal zeroed) over the ``M`` tokens of ``i``'s crop, ``F = x/(||x||+1e-6)``.
 
-    Plain PyTorch, batched over images and crops: the block diagonal of ``S`` only.
+    Plain PyTorch, batched over images and crops: the block diagonal of ``S`` only.  The crops
+    of one size are contiguous, so each size is a view ``[B, C', M, D]`` of the tokens (no copy
+    of the features: at B = 8, D = 4096 a copy is 75 MB of fresh pages per call), and ``S`` is
+    the raw products scaled by the norms, ``x_i·x_j / ((|x_i|+ε)(|x_j|+ε))``, instead of products
+    of normalised copies.
     """
-    B, N, _ = features.shape
-    _, _, pos, valid = crop_layout(N, num_crops, features.device)
-    x = features.float()[:, pos]                                          # [B, C, Mmax, D]
-    f = x / (x.norm(dim=-1, keepdim=True) + HOLOV_EPS)
-    with true_fp32():
-        s = f @ f.transpose(-1, -2)
-    eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
-    s = s.masked_fill(~(valid[:, :, None] & valid[:, None, :]) | eye, 0.0)
-    m1 = (valid.sum(-1, keepdim=True) - 1).clamp(min=1)                   # [C, 1]
-    mu = s.sum(-1) / m1
-    dev = (s - mu[..., None]).masked_fill(~valid[:, None, :], 0.0)
-    return (dev.square().sum(-1) / m1)[:, valid]              # crops lie in raster order
+    B, N, D = features.shape
+    base, rem = divmod(N, num_crops)
+    x = features.float()
+    parts = []
+    # the first `rem` crops hold base + 1 tokens, the others base (crop_layout's rule)
+    for first, count, m in ((0, rem, base + 1), (rem * (base + 1), num_crops - rem, base)):
+        if count == 0 or m == 0:
+            continue
+        xs = x[:, first:first + count * m].reshape(B, count, m, D)     # a view when x is contiguous
+        norm = xs.norm(dim=-1) + HOLOV_EPS                               # [B, C', M]
+        with true_fp32():
+            s = xs @ xs.transpose(-1, -2)                                # [B, C', M, M]
+        s = s / norm[..., :, None] / norm[..., None, :]
+        s = s.masked_fill(torch.eye(m, dtype=torch.bool, device=s.device), 0.0)
+        m1 = max(m - 1, 1)
+        mu = s.sum(-1) / m1
+        parts.append(((s - mu[..., None]).square().sum(-1) / m1).reshape(B, count * m))
+    if not parts:
+        return torch.zeros(B, N, device=features.device)
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
 def crop_scores(variance: torch.Tensor, attn: torch.Tensor, num_crops: int,
