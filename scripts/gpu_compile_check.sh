@@ -23,7 +23,7 @@ CACHE=${GPU_COMPILE_CACHE:-.gpu_compile}
 CUDA_WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
              nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
 GPU_TRITON=3.6.0
-STEP_TIMEOUT=${GPU_COMPILE_TIMEOUT:-900}
+STEP_TIMEOUT=${GPU_COMPILE_TIMEOUT:-1500}
 PIP=(-m pip install -q --no-deps --disable-pip-version-check --root-user-action=ignore)
 
 # ready DIR STAMP PROBE...: DIR holds a complete install of STAMP (the stamp is written last,
