@@ -126,6 +126,19 @@ def image_token_counts(model, images: int, image_sizes,
     return [len(s) for s in image_layout(model, images, image_sizes, strategy)]
 
 
+def method_function(method: str, options: dict, supplied, extra=()):
+    """The method's function in :mod:`visprune.methods`, once ``options`` are known to be its
+    arguments (those the integration does not ``supplied``) or the integration's own ``extra``
+    ones; ``TypeError`` naming the unknown ones otherwise."""
+    fn = getattr(methods, method)
+    accepted = sorted(set(inspect.signature(fn).parameters) - set(supplied))
+    unknown = sorted(set(options) - set(accepted) - set(extra))
+    if unknown:
+        raise TypeError(f"{method} takes no argument(s) {unknown}; its options are "
+                        f"{sorted(accepted + list(extra))}")
+    return fn
+
+
 class Handle:
     """What every pruning handle shares: ``enabled``, and ``with`` that disables at the end.
     ``model`` is None once ``disable()`` ran."""
@@ -239,11 +252,7 @@ class PruningHandle(PromptPruning):
         if model in _ENABLED:
             raise RuntimeError("pruning is already enabled on this model: disable() it first")
         checks.choice("method", method, METHODS)
-        fn = getattr(methods, method)
-        accepted = sorted(set(inspect.signature(fn).parameters) - _SUPPLIED)
-        unknown = sorted(set(method_kwargs) - set(accepted))
-        if unknown:
-            raise TypeError(f"{method} takes no argument(s) {unknown}; its options are {accepted}")
+        fn = method_function(method, method_kwargs, _SUPPLIED)
         if method == "prumerge":
             if keep is not None:
                 raise ValueError("prumerge chooses how many tokens to keep per image (adaptive): "

@@ -44,10 +44,10 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ... import checks, methods, ops
+from ... import checks, ops
 from ...backends import checked_name
 from ...common import stage1_count
-from .llava import _ENABLED, PromptPruning, _shrink_order
+from .llava import _ENABLED, PromptPruning, _shrink_order, method_function
 
 __all__ = ["QwenPruningHandle", "QWEN_METHODS", "QWEN_REFUSED", "unit_budget"]
 
@@ -110,12 +110,7 @@ class QwenPruningHandle(PromptPruning):
         checks.choice("method", method, QWEN_METHODS)
         kwargs = dict(method_kwargs)
         self.per_frame = checks.flag("per_frame", kwargs.pop("per_frame", False))
-        fn = getattr(methods, method)
-        accepted = sorted(set(inspect.signature(fn).parameters) - _SUPPLIED)
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise TypeError(f"{method} takes no argument(s) {unknown}; its options are "
-                            f"{sorted(accepted + ['per_frame'])}")
+        fn = method_function(method, kwargs, _SUPPLIED, extra=("per_frame",))
         if keep is None:
             raise ValueError(f"{method} needs keep (tokens kept per image or video: an int, or "
                              f"a float fraction of each one's tokens)")
