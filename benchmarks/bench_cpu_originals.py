@@ -40,17 +40,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 # --------------------------------------------------------------------------- originals
 def divprune_original(visual, keep):
     """DivPrune's selection as its code does it, one image at a time: the full ``1 - cos``
@@ -207,6 +196,7 @@ def main():
         print("RESULT " + json.dumps(run_case(json.loads(args.case), args.reps)), flush=True)
         return
     import torch
+    from visprune.bench.report import cpu_flags
     avx512 = "avx512f" in cpu_flags()
     env_info = dict(cpu=cpu_model(), avx512=avx512, threads=torch.get_num_threads(),
                     torch=torch.__version__, date=datetime.date.today().isoformat(),

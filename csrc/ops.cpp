@@ -3,12 +3,15 @@
 // for CPU and CUDA; csrc/cpu and csrc/cuda supply only their Kernels), and the Python module.
 // Fake (meta) implementations live in visprune/_ext.py, because gather_compact's mask form has a
 // data-dependent output size that only a Python fake can express.
+#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "visprune.h"
 
@@ -159,6 +162,48 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     scale);
 }
 
+// --------------------------------------------------------------------------- CPU row chunks
+// A CPU temporary above glibc's largest mmap threshold (32 MiB) is mapped afresh by every call,
+// and first touching its pages costs as much as the kernels: normalising B = 8, N = 576,
+// D = 4096 fp32 tokens takes 27 ms into a new tensor, 3.4 ms into an existing one.  The CPU ops
+// on [B, N, D] tokens therefore run on chunks of rows whose fp32 copy stays under kChunkBytes
+// (one row at least; a multiple of the thread count where more fit, so rows still split over the
+// cores), each chunk's temporaries reusing the memory the one before freed.  CUDA runs a batch
+// at once.  Every row's result is the same either way.
+constexpr int64_t kChunkBytes = int64_t(24) << 20;
+
+int64_t chunk_rows(const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  if (!x.is_cpu() || B <= 1) return B;
+  const int64_t row = std::max<int64_t>(1, x.size(1) * x.size(2) * int64_t(sizeof(float)));
+  int64_t n = std::max<int64_t>(1, kChunkBytes / row);
+  const int64_t threads = at::get_num_threads();
+  if (n >= threads) n -= n % threads;
+  return std::min(n, B);
+}
+
+// Rows [b0, b0 + n) of an optional per-row tensor.
+c10::optional<at::Tensor> rows(const c10::optional<at::Tensor>& t, int64_t b0, int64_t n) {
+  if (!t.has_value()) return t;
+  return t->narrow(0, b0, n);
+}
+
+// f(b0, n) on each chunk of x's rows, the results concatenated along dim 0.
+template <class F>
+at::Tensor by_chunks(const at::Tensor& x, const F& f) {
+  const int64_t B = x.size(0), n = chunk_rows(x);
+  if (n >= B) return f(0, B);
+  std::vector<at::Tensor> parts;
+  for (int64_t b0 = 0; b0 < B; b0 += n) parts.push_back(f(b0, std::min(n, B - b0)));
+  return at::cat(parts);
+}
+
+Prepared prepare_rows(const at::Tensor& x, int64_t b0, int64_t n, Metric metric) {
+  Prepared p = prepare_tokens(fp32_tokens(x.narrow(0, b0, n)), metric);
+  p.first_row = b0;
+  return p;
+}
+
 // --------------------------------------------------------------------------- the ops
 at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
                      const c10::optional<at::Tensor>& text_mask, c10::string_view metric_name,
@@ -166,8 +211,10 @@ at::Tensor mi_scores(const at::Tensor& visual, const at::Tensor& text,
   check_text(visual, text, text_mask);
   const Metric metric = parse_metric(metric_name, "metric");
   const c10::DeviceGuard guard(visual.device());
-  return K.mi_scores(prepare_tokens(fp32_tokens(visual), metric),
-                     prepare_tokens(fp32_tokens(text), metric), text_mask, metric);
+  return by_chunks(visual, [&](int64_t b0, int64_t n) {
+    return K.mi_scores(prepare_rows(visual, b0, n, metric), prepare_rows(text, b0, n, metric),
+                       rows(text_mask, b0, n), metric);
+  });
 }
 
 at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view objective_name,
@@ -178,8 +225,10 @@ at::Tensor greedy_select(const at::Tensor& x, int64_t k, c10::string_view object
   const Metric metric = parse_metric(metric_name, "metric");
   const c10::DeviceGuard guard(x.device());
   if (x.size(0) == 0 || k == 0) return at::empty({x.size(0), k}, x.options().dtype(at::kLong));
-  return K.greedy(prepare_tokens(fp32_tokens(x), metric), k, objective, metric, mask, start,
-                  {k, "k"});
+  return by_chunks(x, [&](int64_t b0, int64_t n) {
+    return K.greedy(prepare_rows(x, b0, n, metric), k, objective, metric, rows(mask, b0, n), start,
+                    {k, "k"});
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> gather_compact(const at::Tensor& x,
@@ -216,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
     const at::Tensor& visual, const at::Tensor& text, int64_t keep, int64_t stage1_keep,
     const c10::optional<at::Tensor>& text_mask, const c10::optional<at::Tensor>& mask,
     c10::string_view mi_metric_name, c10::string_view objective_name,
-    c10::string_view metric_name, const Kernels& K) {
+    c10::string_view metric_name, const Kernels& K, int64_t first_row = 0) {
   check_text(visual, text, text_mask);
   check_select(visual, "visual", {stage1_keep, "stage1_keep"}, mask, -1);
   TORCH_CHECK_VALUE(0 <= keep && keep <= stage1_keep, "need 0 <= keep <= stage1_keep, got keep=",
@@ -232,10 +281,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune(
     return {K.gather_rows(visual, none, /*checked=*/false), none, lengths};
   }
 
+  const int64_t step = chunk_rows(visual);
+  if (step < B) {
+    std::vector<at::Tensor> parts[3];
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t n = std::min(step, B - b0);
+      const auto r = prune(visual.narrow(0, b0, n), text.narrow(0, b0, n), keep, stage1_keep,
+                           rows(text_mask, b0, n), rows(mask, b0, n), mi_metric_name,
+                           objective_name, metric_name, K, b0);
+      parts[0].push_back(std::get<0>(r));
+      parts[1].push_back(std::get<1>(r));
+      parts[2].push_back(std::get<2>(r));
+    }
+    return {at::cat(parts[0]), at::cat(parts[1]), at::cat(parts[2])};
+  }
+
   // One fp32 conversion of the visual tokens serves both metrics (cosine then normalises it).
   const at::Tensor xf = fp32_tokens(visual);
-  const Prepared VM = prepare_tokens(xf, mi_metric);
-  const Prepared VG = metric == mi_metric ? VM : prepare_tokens(xf, metric);
+  Prepared VM = prepare_tokens(xf, mi_metric);
+  VM.first_row = first_row;
+  Prepared VG = metric == mi_metric ? VM : prepare_tokens(xf, metric);
+  VG.first_row = first_row;
   const at::Tensor score =
       K.mi_scores(VM, prepare_tokens(fp32_tokens(text), mi_metric), text_mask, mi_metric);
 
@@ -298,8 +364,25 @@ at::Tensor dpp_map(const at::Tensor& x, const at::Tensor& relevance, int64_t k,
                               "for CUDA tensors) or backend='reference'");
   const c10::DeviceGuard guard(x.device());
   if (B == 0 || k == 0) return at::empty({B, k}, x.options().dtype(at::kLong));
-  return K.dpp_map(prepare_tokens(fp32_tokens(x), Metric::kCosine), fp32_tokens(relevance), k,
-                   mask, eps, {k, "k"});
+  return by_chunks(x, [&](int64_t b0, int64_t n) {
+    return K.dpp_map(prepare_rows(x, b0, n, Metric::kCosine),
+                     fp32_tokens(relevance.narrow(0, b0, n)), k, rows(mask, b0, n), eps, {k, "k"});
+  });
+}
+
+at::Tensor holov_variance(const at::Tensor& features, int64_t num_crops, const Kernels& K) {
+  check_floating(features, "features", "[B, N, D]");
+  TORCH_CHECK_VALUE(num_crops >= 1, "num_crops must be >= 1, got ", num_crops);
+  TORCH_CHECK_NOT_IMPLEMENTED(K.holov_variance != nullptr,
+                              "holov_variance has no kernel in visprune._C for ",
+                              features.device().type(), " tensors; use backend='triton' (the "
+                              "default for CUDA tensors) or backend='reference'");
+  const c10::DeviceGuard guard(features.device());
+  if (features.size(0) == 0 || features.size(1) == 0)
+    return at::zeros({features.size(0), features.size(1)}, features.options().dtype(at::kFloat));
+  return by_chunks(features, [&](int64_t b0, int64_t n) {
+    return K.holov_variance(fp32_tokens(features.narrow(0, b0, n)), num_crops);
+  });
 }
 
 // --------------------------------------------------------------------------- varlen (ragged) ops
@@ -483,6 +566,7 @@ TORCH_LIBRARY(visprune, m) {
   m.def("received_attention(Tensor q, Tensor k, Tensor start, int length, str queries, "
         "Tensor? query_mask, str heads, Tensor? key_mask, float scale) -> Tensor");
   m.def("dpp_map(Tensor x, Tensor relevance, int k, Tensor? mask, float eps) -> Tensor");
+  m.def("holov_variance(Tensor features, int num_crops) -> Tensor");
   m.def("greedy_select_varlen(Tensor x, Tensor cu_seqlens, int[] k, str objective, str metric, "
         "Tensor? mask, int start) -> Tensor");
   m.def("prune_varlen(Tensor visual, Tensor cu_seqlens, Tensor text, int[] keep, "
@@ -526,6 +610,9 @@ TORCH_LIBRARY(visprune, m) {
   m.impl("dpp_map", [](const at::Tensor& x, const at::Tensor& relevance, int64_t k,               \
                        const OptTensor& mask, double eps) {                                       \
     return visprune::dpp_map(x, relevance, k, mask, eps, visprune::device::kernels());            \
+  });                                                                                             \
+  m.impl("holov_variance", [](const at::Tensor& features, int64_t num_crops) {                    \
+    return visprune::holov_variance(features, num_crops, visprune::device::kernels());            \
   });                                                                                             \
   m.impl("greedy_select_varlen", [](const at::Tensor& x, const at::Tensor& cu_seqlens,            \
                                     c10::IntArrayRef k, c10::string_view objective,               \

@@ -19,6 +19,7 @@
 namespace visprune {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps: a zero token has cosine 0 with everything
+constexpr double kHolovEps = 1e-6;  // HoloV's x / (|x| + 1e-6) (visprune.common.HOLOV_EPS)
 
 enum class Metric { kCosine, kL2 };
 enum class Objective { kMaxMin, kMaxSum };
@@ -36,6 +37,7 @@ at::Tensor fp32_tokens(const at::Tensor& x);
 // same), or xf itself and its squared norms (xf*xf).sum(-1) for l2 (sq undefined for cosine).
 struct Prepared {
   at::Tensor y, sq;
+  int64_t first_row = 0;  // the batch row of y[0] (ops run CPU batches in chunks; for messages)
 };
 Prepared prepare_tokens(const at::Tensor& xf, Metric metric);
 
@@ -75,6 +77,10 @@ struct Kernels {
   // as for greedy.  Null where the device has no kernel (CUDA: the Triton backend serves it).
   at::Tensor (*dpp_map)(const Prepared& P, const at::Tensor& relevance, int64_t k,
                         const c10::optional<at::Tensor>& mask, double eps, Count need);
+  // float32[B, N]: HoloV's similarity variance (visprune.methods.holov.similarity_variance) of
+  // contiguous fp32 x[B, N, D] over `crops` >= 1 contiguous raster crops; B, N > 0.  Null where
+  // the device has no kernel (CUDA: the Triton backend serves it).
+  at::Tensor (*holov_variance)(const at::Tensor& x, int64_t crops);
 };
 
 // The varlen (packed, ragged batch) kernels of a device: a packed x[T, D] as a prepared P of

@@ -393,20 +393,43 @@ def test_holov_zero_attention_goes_round():
     assert res.indices[0].tolist() == [0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32]
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("N,num_crops,dtype", [(100, 16, torch.float32), (576, 16, torch.float16),
-                                               (70, 3, torch.float32)])
-def test_holov_similarity_variance(backend, N, num_crops, dtype):
+@pytest.mark.parametrize("backend", kernel_backends() + [
+    name for name in ("cpu",) if available_backends(CPU)[name] == "ok"])   # + HoloV's C++ kernel
+@pytest.mark.parametrize("N,D,num_crops,dtype", [(100, 40, 16, torch.float32),
+                                                 (576, 40, 16, torch.float16),
+                                                 (70, 40, 3, torch.float32),
+                                                 (255, 37, 16, torch.float32),
+                                                 (7, 33, 16, torch.float32),     # empty crops
+                                                 (1, 9, 1, torch.float32)])
+def test_holov_similarity_variance(backend, N, D, num_crops, dtype):
     g = torch.Generator().manual_seed(14)
-    x = (torch.randn(2, N, 40, generator=g) + torch.randn(2, 1, 40, generator=g)).to(dtype)
+    x = (torch.randn(2, N, D, generator=g) + torch.randn(2, 1, D, generator=g)).to(dtype)
+    if N > 5:
+        x[1, 5] = 0                                                        # a zero token
     x = x.transpose(1, 2).contiguous().transpose(1, 2)                    # non-contiguous
     if backend == "triton":
         from visprune.triton_kernels import holov as kernels
         got = kernels.similarity_variance(x, num_crops)
+    elif backend == "cpu":                                                # the C++ kernel
+        from visprune._ext import holov_variance
+        got = holov_variance(x, num_crops)
     else:
         got = hv.similarity_variance(x, num_crops)
     want = np.stack([golden_holov_variance(f64(row), num_crops) for row in x])
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(available_backends(CPU)["cpu"] != "ok", reason="visprune._C is not built")
+def test_holov_variance_kernel_arguments():
+    from visprune._ext import holov_variance
+    with pytest.raises(ValueError, match=r"num_crops must be >= 1, got 0"):
+        holov_variance(torch.randn(1, 4, 3), 0)
+    with pytest.raises(ValueError, match=r"features must have shape \[B, N, D\]"):
+        holov_variance(torch.randn(4, 3), 2)
+    with pytest.raises(TypeError, match="features must have dtype"):
+        holov_variance(torch.ones(1, 4, 3, dtype=torch.long), 2)
+    assert holov_variance(torch.randn(0, 4, 3), 2).shape == (0, 4)
+    assert holov_variance(torch.randn(2, 0, 3), 2).shape == (2, 0)
 
 
 # --------------------------------------------------------------------------- arguments

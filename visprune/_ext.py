@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from . import oplib
 
 try:
@@ -40,11 +42,13 @@ def has_cuda() -> bool:
 
 
 if _C is not None:
-    oplib.register("visprune")
+    oplib.register("visprune", holov_variance=True)
     _ops = oplib.positional("visprune")
     mi_scores, greedy_select = _ops.mi_scores, _ops.greedy_select
     gather_compact, prune = _ops.gather_compact, _ops.prune
     received_attention = _ops.received_attention
     dpp_map = _ops.dpp_map                 # CDPruner's DPP MAP (visprune.methods.cdpruner)
+    # HoloV's crop statistics (visprune.methods.holov), CPU only: (features, num_crops)
+    holov_variance = torch.ops.visprune.holov_variance
     greedy_select_varlen, prune_varlen = _ops.greedy_select_varlen, _ops.prune_varlen
     gather_compact_varlen = _ops.gather_compact_varlen

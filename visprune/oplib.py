@@ -58,6 +58,10 @@ def _dpp_map_fake(x, relevance, k, mask, eps):
     return x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
+def _holov_variance_fake(features, num_crops):
+    return features.new_empty(features.shape[:2], dtype=torch.float32)
+
+
 def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
     from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``), or ``(tokens[K, D],
@@ -82,14 +86,17 @@ def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-def register(ns: str) -> None:
-    """Fake implementations of the ops of namespace ``ns`` and the gather autograd."""
+def register(ns: str, *, holov_variance: bool = False) -> None:
+    """Fake implementations of the ops of namespace ``ns`` and the gather autograd;
+    ``holov_variance``: the namespace also has that op (the C++ extension's CPU kernel)."""
     torch.library.register_fake(f"{ns}::mi_scores")(_mi_scores_fake)
     torch.library.register_fake(f"{ns}::greedy_select")(_greedy_select_fake)
     torch.library.register_fake(f"{ns}::gather_compact")(_gather_compact_fake)
     torch.library.register_fake(f"{ns}::prune")(_prune_fake)
     torch.library.register_fake(f"{ns}::received_attention")(_received_attention_fake)
     torch.library.register_fake(f"{ns}::dpp_map")(_dpp_map_fake)
+    if holov_variance:
+        torch.library.register_fake(f"{ns}::holov_variance")(_holov_variance_fake)
     torch.library.register_fake(f"{ns}::greedy_select_varlen")(_greedy_select_varlen_fake)
     torch.library.register_fake(f"{ns}::prune_varlen")(_prune_varlen_fake)
     torch.library.register_fake(f"{ns}::gather_compact_varlen")(_gather_compact_varlen_fake)

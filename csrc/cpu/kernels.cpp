@@ -5,16 +5,17 @@
 // * greedy steps compute only row s of the distance matrix (k·N·D instead of N²·D), keep a
 //   running min / sum per candidate and take one argmax per step, all in C++;
 // * the maxmin start (min over j != i of d(i, j)) needs every pair: it runs over the upper
-//   triangle only (BLAS row panels on AVX-512 CPUs, GEMM-style 6×16 AVX2 register tiles
-//   elsewhere) and keeps the distances for the steps; maxsum keeps a BLAS triangle too where that
-//   beats streaming rows (choose_strategy);
+//   triangle only (GEMM-style register tiles, 8×32 AVX-512 or 6×16 AVX2, chosen at run time)
+//   and keeps the distances for the steps; maxsum keeps the triangle too where that beats
+//   streaming rows (choose_strategy); BLAS panels remain as a forced strategy;
 // * the maxsum start and mi_scores are linear in a per-row summary (Σ x̂_j, x̄, t̄): N·D work;
 // * work is split over batch rows when there are enough of them, otherwise within a row
-//   (at::parallel_for, so both cores are busy at batch size 1).
+//   (at::parallel_for, so both cores are busy at batch size 1); ops.cpp hands the kernels a
+//   batch in row chunks of at most 24 MiB of fp32 tokens (fresh pages cost as much as the work).
 //
 // Exact ties must stay exact (bitwise-identical tokens are picked in index order), so each kind
 // of distance goes through one routine whose result depends only on the two tokens, never on
-// where they sit in a tile: dot_tile for the steps and summaries, gram_tile for the maxmin start;
+// where they sit in a tile: dot_tile for the steps and summaries, the Gram tiles for all pairs;
 // BLAS products get that property from bitwise-duplicate representatives (duplicate_of).
 // Inputs are converted to fp32 and normalised with the same ATen ops as the reference
 // (prepare_tokens), so zero, huge and non-finite tokens behave the same.
@@ -22,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -146,30 +148,40 @@ inline void dot_tile(const float* const* a, const float* const* b, int64_t D, fl
 }
 
 // --------------------------------------------------------------------------- Gram tiles
-// The maxmin start needs every pair, so it gets a GEMM-style kernel: out[r][j] = Σ_k a[r][k] ·
-// panel[k][j] over a 6-row × 16-column tile, k ascending, one multiply-add chain per entry (no
-// horizontal sums).  `panel` holds 16 tokens transposed ([D][16]), so each step loads two
-// vectors and broadcasts six scalars for twelve FMAs.  The entry of a pair does not depend on
-// where the pair sits in the tile, nor on the order of the two tokens: identical tokens get
-// identical distances here too.
-constexpr int kGramR = 6, kGramC = 16;
+// The maxmin start needs every pair, so it gets a GEMM-style kernel: acc[r][j] += Σ_k a[r][k] ·
+// panel[k - k0][j] over k in [k0, k1), an R-row × C-column tile, k ascending, one multiply-add
+// chain per entry (no horizontal sums).  `panel` holds C tokens transposed ([k][C]), so each step
+// loads C/8 (C/16) vectors and broadcasts R scalars.  A chain split into k ranges (the
+// accumulators stored and reloaded in between) is the same chain, so the entry of a pair depends
+// neither on where the pair sits in the tile, nor on the order of the two tokens, nor on the
+// ISA's tile shape: the AVX2 (6×16) and AVX-512 (12×32) kernels give the same bits, and identical
+// tokens get identical distances here too.
+constexpr int kGramR = 6, kGramC = 16;      // portable / AVX2 tile (received_attention's too)
+constexpr int kGramR512 = 8, kGramC512 = 32;  // AVX-512: 16 accumulators
+using GramAcc = void (*)(const float* const* a, const float* panel, int64_t k0, int64_t k1,
+                         float* acc, bool init);
 
-void gram_tile_portable(const float* const* a, const float* panel, int64_t D, float* out) {
-  float acc[kGramR][kGramC] = {};
-  for (int64_t k = 0; k < D; ++k)
-    for (int r = 0; r < kGramR; ++r)
-      for (int j = 0; j < kGramC; ++j) acc[r][j] += a[r][k] * panel[k * kGramC + j];
-  std::memcpy(out, acc, sizeof(acc));
+template <int R, int C>
+void gram_acc_portable(const float* const* a, const float* panel, int64_t k0, int64_t k1,
+                       float* acc, bool init) {
+  if (init) std::fill(acc, acc + R * C, 0.0f);
+  for (int64_t k = k0; k < k1; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) acc[r * C + j] += a[r][k] * panel[(k - k0) * C + j];
 }
 
 #ifdef VISPRUNE_X86
-__attribute__((target("avx2,fma"))) void gram_tile_avx2(const float* const* a, const float* panel,
-                                                        int64_t D, float* out) {
+__attribute__((target("avx2,fma"))) void gram_acc_avx2(const float* const* a, const float* panel,
+                                                       int64_t k0, int64_t k1, float* out,
+                                                       bool init) {
   __m256 acc[kGramR][2];
 #pragma GCC unroll 8
-  for (int r = 0; r < kGramR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < D; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(panel + k * kGramC), b1 = _mm256_loadu_ps(panel + k * kGramC + 8);
+  for (int r = 0; r < kGramR; ++r)
+    for (int h = 0; h < 2; ++h)
+      acc[r][h] = init ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * kGramC + 8 * h);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* p = panel + (k - k0) * kGramC;
+    const __m256 b0 = _mm256_loadu_ps(p), b1 = _mm256_loadu_ps(p + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < kGramR; ++r) {
       const __m256 va = _mm256_broadcast_ss(a[r] + k);
@@ -183,46 +195,73 @@ __attribute__((target("avx2,fma"))) void gram_tile_avx2(const float* const* a, c
     _mm256_storeu_ps(out + r * kGramC + 8, acc[r][1]);
   }
 }
-#endif
 
-#ifdef VISPRUNE_X86
-// The distances of an interior Gram tile (every entry a candidate pair p < q), the same
-// arithmetic as Rows::dist, folded into the row minima rmin[0..6) and column minima cmin[0..16)
+__attribute__((target("avx512f"))) void gram_acc_avx512(const float* const* a, const float* panel,
+                                                        int64_t k0, int64_t k1, float* out,
+                                                        bool init) {
+  constexpr int R = kGramR512, C = kGramC512;
+  __m512 acc[R][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h)
+      acc[r][h] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(out + r * C + 16 * h);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* p = panel + (k - k0) * C;
+    const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 va = _mm512_set1_ps(a[r][k]);
+      acc[r][0] = _mm512_fmadd_ps(va, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(va, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(out + r * C, acc[r][0]);
+    _mm512_storeu_ps(out + r * C + 16, acc[r][1]);
+  }
+}
+
+// The distances of an interior R×C Gram tile (every entry a candidate pair p < q), the same
+// arithmetic as Rows::dist, folded into the row minima rmin[0..R) and column minima cmin[0..C)
 // and, when `dist` is given, stored in its rows (leading dimension ld).  sq_r / sq_c: squared
 // norms of the rows and columns for l2, null for cosine.
+template <int R, int C>
 __attribute__((target("avx2,fma"))) void tile_distances_avx2(const float* g, const float* sq_r,
                                                              const float* sq_c, float* rmin,
                                                              float* cmin, float* dist, int64_t ld) {
+  constexpr int H = C / 8;
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
-  __m256 cm[2] = {_mm256_loadu_ps(cmin), _mm256_loadu_ps(cmin + 8)};
-  for (int r = 0; r < kGramR; ++r) {
-    __m256 d[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m256 dot = _mm256_loadu_ps(g + r * kGramC + 8 * h);
-      d[h] = sq_r == nullptr
-                 ? _mm256_sub_ps(one, dot)
-                 : _mm256_sub_ps(_mm256_add_ps(_mm256_set1_ps(sq_r[r]), _mm256_loadu_ps(sq_c + 8 * h)),
-                                 _mm256_mul_ps(two, dot));
-      d[h] = _mm256_and_ps(d[h], _mm256_cmp_ps(d[h], zero, _CMP_GT_OQ));  // d > 0 ? d : 0
-      cm[h] = _mm256_min_ps(cm[h], d[h]);
-      if (dist != nullptr) _mm256_storeu_ps(dist + r * ld + 8 * h, d[h]);
+  __m256 cm[H];
+  for (int h = 0; h < H; ++h) cm[h] = _mm256_loadu_ps(cmin + 8 * h);
+  for (int r = 0; r < R; ++r) {
+    __m256 v = _mm256_set1_ps(kInf);
+    for (int h = 0; h < H; ++h) {
+      const __m256 dot = _mm256_loadu_ps(g + r * C + 8 * h);
+      __m256 d = sq_r == nullptr
+                     ? _mm256_sub_ps(one, dot)
+                     : _mm256_sub_ps(_mm256_add_ps(_mm256_set1_ps(sq_r[r]), _mm256_loadu_ps(sq_c + 8 * h)),
+                                     _mm256_mul_ps(two, dot));
+      d = _mm256_and_ps(d, _mm256_cmp_ps(d, zero, _CMP_GT_OQ));  // d > 0 ? d : 0
+      cm[h] = _mm256_min_ps(cm[h], d);
+      v = _mm256_min_ps(v, d);
+      if (dist != nullptr) _mm256_storeu_ps(dist + r * ld + 8 * h, d);
     }
-    __m256 v = _mm256_min_ps(d[0], d[1]);
     __m128 w = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     w = _mm_min_ps(w, _mm_movehl_ps(w, w));
     w = _mm_min_ss(w, _mm_shuffle_ps(w, w, 1));
     rmin[r] = std::min(rmin[r], _mm_cvtss_f32(w));
   }
-  _mm256_storeu_ps(cmin, cm[0]);
-  _mm256_storeu_ps(cmin + 8, cm[1]);
+  for (int h = 0; h < H; ++h) _mm256_storeu_ps(cmin + 8 * h, cm[h]);
 }
 #endif
 
+// out = the R×C (kGramR × kGramC) Gram tile over k in [0, D) (received_attention's scores).
 inline void gram_tile(const float* const* a, const float* panel, int64_t D, float* out) {
 #ifdef VISPRUNE_X86
-  if (use_avx2()) return gram_tile_avx2(a, panel, D, out);
+  if (use_avx2()) return gram_acc_avx2(a, panel, 0, D, out, true);
 #endif
-  gram_tile_portable(a, panel, D, out);
+  gram_acc_portable<kGramR, kGramC>(a, panel, 0, D, out, true);
 }
 
 inline float dot(const float* a, const float* b, int64_t D) {
@@ -357,51 +396,69 @@ void step_distances(const Rows& X, int64_t s, const int64_t* cand, const int64_t
 }
 
 // maxmin's start key min_{j != i} d(i, j) over the candidates, for every candidate.  Each pair
-// p < q is computed once, in the column block of q (16 columns against the rows above them,
-// gram_tile); column blocks u and nb-1-u go to the same task so the triangle splits evenly.
-// When `dist` is not null it receives the upper triangle of the c×c distance matrix.
-std::vector<float> nearest_distances(const Rows& X, const std::vector<int64_t>& cand, bool parallel,
-                                     float* dist) {
+// p < q is computed once, in the column block of q (C columns against the rows above them); the
+// threads take the blocks largest first from a shared counter, so the triangle splits evenly
+// (within a block of the total) whatever the thread count.  Within a block the k
+// range goes in slices whose panel (kGramPanel floats) stays in L1 while every row tile of the
+// block runs over it, the tiles' accumulators kept in per-task scratch between slices.  When
+// `dist` is not null it receives the upper triangle of the c×c distance matrix.
+constexpr int64_t kGramPanel = 4096;  // floats of one panel slice: 16 KiB
+
+template <int R, int C>
+std::vector<float> nearest_tiles(const Rows& X, const std::vector<int64_t>& cand, bool parallel,
+                                 float* dist, GramAcc kernel, bool fold_avx2) {
   const int64_t c = static_cast<int64_t>(cand.size()), D = X.D;
-  const int64_t nb = (c + kGramC - 1) / kGramC;
+  const int64_t nb = (c + C - 1) / C, kc = kGramPanel / C, tiles_max = (c + R - 1) / R;
   const int64_t slots = nslots(parallel);
+  const bool l2 = X.metric == Metric::kL2;
   std::vector<float> mins(static_cast<size_t>(slots * c), kInf);
-  std::vector<float> panels(static_cast<size_t>(slots * D * kGramC));
+  std::vector<float> panels(static_cast<size_t>(slots * kc * C));
+  std::vector<float> grams(static_cast<size_t>(slots * tiles_max * R * C));
 
   auto block = [&](int64_t cb, int64_t slot) {
     float* m = mins.data() + slot * c;
-    float* panel = panels.data() + slot * D * kGramC;
-    const int64_t q0 = cb * kGramC, nq = std::min<int64_t>(kGramC, c - q0);
-    for (int64_t j = 0; j < kGramC; ++j) {  // missing columns repeat the last token
-      const float* src = X.row(cand[q0 + std::min(j, nq - 1)]);
-      for (int64_t k = 0; k < D; ++k) panel[k * kGramC + j] = src[k];
+    float* panel = panels.data() + slot * kc * C;
+    float* gram = grams.data() + slot * tiles_max * R * C;
+    const int64_t q0 = cb * C, nq = std::min<int64_t>(C, c - q0);
+    const int64_t tiles = (q0 + nq - 1 + R - 1) / R;  // rows p < the block's last column
+    const float* col[C];
+    float sq_r[R], sq_c[C];
+    for (int j = 0; j < C; ++j) {  // missing columns repeat the last token
+      const int64_t i = cand[q0 + std::min<int64_t>(j, nq - 1)];
+      col[j] = X.row(i);
+      if (l2) sq_c[j] = X.sq[i];
     }
-    float g[kGramR * kGramC], sq_r[kGramR], sq_c[kGramC];
-    const bool l2 = X.metric == Metric::kL2;
-    if (l2)
-      for (int j = 0; j < kGramC; ++j) sq_c[j] = X.sq[cand[q0 + std::min<int64_t>(j, nq - 1)]];
-    for (int64_t p0 = 0; p0 < q0 + nq - 1; p0 += kGramR) {
-      const float* a[kGramR];
-      for (int r = 0; r < kGramR; ++r) {
-        const int64_t i = cand[std::min(p0 + r, c - 1)];
-        a[r] = X.row(i);
-        if (l2) sq_r[r] = X.sq[i];
+    int64_t k0 = 0;
+    do {
+      const int64_t k1 = std::min(D, k0 + kc);
+      for (int j = 0; j < C; ++j)
+        for (int64_t k = k0; k < k1; ++k) panel[(k - k0) * C + j] = col[j][k];
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float* a[R];
+        for (int r = 0; r < R; ++r) a[r] = X.row(cand[std::min(t * R + r, c - 1)]);
+        kernel(a, panel, k0, k1, gram + t * R * C, k0 == 0);
       }
-      gram_tile(a, panel, D, g);
+      k0 = k1;
+    } while (k0 < D);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t p0 = t * R;
+      const float* g = gram + t * R * C;
+      if (l2)
+        for (int r = 0; r < R; ++r) sq_r[r] = X.sq[cand[std::min(p0 + r, c - 1)]];
 #ifdef VISPRUNE_X86
-      if (p0 + kGramR <= q0 && nq == kGramC && use_avx2()) {  // interior: every entry a pair
-        tile_distances_avx2(g, l2 ? sq_r : nullptr, sq_c, m + p0, m + q0,
-                            dist ? dist + p0 * c + q0 : nullptr, c);
+      if (fold_avx2 && p0 + R <= q0 && nq == C) {  // interior: every entry a pair
+        tile_distances_avx2<R, C>(g, l2 ? sq_r : nullptr, sq_c, m + p0, m + q0,
+                                  dist ? dist + p0 * c + q0 : nullptr, c);
         continue;
       }
 #endif
-      for (int r = 0; r < kGramR; ++r) {
+      for (int r = 0; r < R; ++r) {
         const int64_t p = p0 + r;
         if (p >= c) break;
         float rm = m[p];
         for (int64_t j = std::max<int64_t>(0, p + 1 - q0); j < nq; ++j) {
           const int64_t q = q0 + j;
-          const float d = X.dist(g[r * kGramC + j], cand[p], cand[q]);
+          const float d = X.dist(g[r * C + j], cand[p], cand[q]);
           rm = std::min(rm, d);
           m[q] = std::min(m[q], d);
           if (dist) dist[p * c + q] = d;
@@ -410,16 +467,26 @@ std::vector<float> nearest_distances(const Rows& X, const std::vector<int64_t>& 
       }
     }
   };
-  for_range(parallel, (nb + 1) / 2, 1, [&](int64_t u0, int64_t u1, int64_t slot) {
-    for (int64_t u = u0; u < u1; ++u) {
-      block(u, slot);
-      if (nb - 1 - u != u) block(nb - 1 - u, slot);
-    }
+  std::atomic<int64_t> next(0);
+  for_range(parallel, slots, 1, [&](int64_t, int64_t, int64_t slot) {
+    for (int64_t u; (u = next.fetch_add(1)) < nb;) block(nb - 1 - u, slot);
   });
   for (int64_t t = 1; t < slots; ++t)  // min is exact: the merge order does not matter
     for (int64_t p = 0; p < c; ++p) mins[p] = std::min(mins[p], mins[t * c + p]);
   mins.resize(static_cast<size_t>(c));
   return mins;
+}
+
+// nearest_tiles with this process's widest kernel (all give the same bits but the portable one).
+std::vector<float> nearest_distances(const Rows& X, const std::vector<int64_t>& cand, bool parallel,
+                                     float* dist) {
+#ifdef VISPRUNE_X86
+  if (isa() == Isa::kAvx512)
+    return nearest_tiles<kGramR512, kGramC512>(X, cand, parallel, dist, gram_acc_avx512, true);
+  if (use_avx2()) return nearest_tiles<kGramR, kGramC>(X, cand, parallel, dist, gram_acc_avx2, true);
+#endif
+  return nearest_tiles<kGramR, kGramC>(X, cand, parallel, dist, gram_acc_portable<kGramR, kGramC>,
+                                       false);
 }
 
 // --------------------------------------------------------------------------- all pairs by BLAS
@@ -681,7 +748,7 @@ constexpr int64_t kMaxStoredDistances = int64_t(1) << 22;  // 16 MiB of fp32
 // How a greedy row gets its distances.  VISPRUNE_CPU_GREEDY=tiles|gram|stream forces one (tests,
 // measurements); every one gives the same indices up to near-ties decided by rounding.
 // * kGram: every pair through BLAS panels (blas_distances), the triangle kept, steps read it;
-// * kTiles: maxmin's start over the hand-written register tiles (nearest_distances), kept;
+// * kTiles: every pair over the hand-written register tiles (nearest_distances), kept;
 // * kStream: nothing kept: each step computes row s (k·c·D); maxmin's start through BLAS panels
 //   folded into minima at once (blas_nearest).
 // A triangle that does not fit kMaxStoredDistances is never kept (kGram and kTiles then stream
@@ -707,23 +774,34 @@ bool blas_is_fp32() {
          p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
 }
 
-// The rule of "auto", per machine and shape.  maxmin's start needs every pair: on a CPU with
-// AVX-512 through BLAS (whose fp32 rate is twice an AVX2 kernel's), else over the hand-written
-// AVX2 tiles, which beat MKL's row panels on the AVX2 machine measured (2-core AMD EPYC, N = 576,
-// D = 1024 / 4096, 1 thread: 98 vs 121 ms and 14 vs 21 ms under the same load); kept when it
-// fits.  Otherwise the steps need k rows: streaming them costs k·c·D multiply-adds bounded by
-// cache bandwidth, the kept triangle c²·D/2 at the BLAS's rate.  On that machine streaming won
-// (maxsum, N = 576, D = 4096: 73 vs 135 ms for the triangle); with AVX-512 the BLAS doubles its
-// rate while the streamed steps stay bounded by L3 bandwidth, so there the triangle is taken
-// while c / (2k) < 6 (an estimate: no AVX-512 machine was measured for this rule).
+// The rule of "auto".  maxmin's start needs every pair: it runs over the hand-written tiles
+// (AVX-512 or AVX2), kept when the triangle fits.  Measured on a 2-core AMD EPYC (Zen 4, AVX-512),
+// N = 576, k = 64, 1 thread, against MKL through at::mm: the tiles run the triangle at 46-50
+// GMAC/s, MKL's full product at 52, its 96-row triangle panels slower (greedy_select maxmin
+// D = 4096, 2 threads: 8.2-9.2 ms over the tiles, 10-12 ms over BLAS panels).  On an AVX2-only
+// EPYC (Zen 3) the tiles also beat MKL's panels (D = 4096, 1 thread: 98 vs 121 ms).  Otherwise
+// the steps need k rows: streaming them (k·c·D multiply-adds, bound by cache bandwidth) beat a
+// kept triangle (c²·D/2 at the tiles' rate) on both machines at c = 576, k = 64 (maxsum D = 4096:
+// 73 vs 135 ms on Zen 3 over BLAS panels; 6.7 vs 9.9 ms on Zen 4 over the tiles, which win from
+// k = 144: 9.8 vs 12.2 ms; D = 1024 and 256 cross near k = 120 and 170), so the triangle is
+// kept where k > c / 5.
+// "gram" (BLAS panels) is never chosen by "auto"; it stays as a switch for CPUs whose BLAS beats
+// the tiles (an Intel Xeon with two AVX-512 FMA units may; none was measured).
 Strategy choose_strategy(int64_t c, int64_t k, bool all_pairs, bool blas_ok) {
   Strategy s = forced_strategy();
   if (!blas_ok && s != Strategy::kStream) s = Strategy::kTiles;
   if (s != Strategy::kAuto) return s;
-  const bool fits = c * c <= kMaxStoredDistances;
-  if (isa() != Isa::kAvx512) return all_pairs ? Strategy::kTiles : Strategy::kStream;
-  if (all_pairs) return fits ? Strategy::kGram : Strategy::kStream;
-  return fits && c < 12 * k ? Strategy::kGram : Strategy::kStream;
+  return all_pairs || 5 * k > c ? Strategy::kTiles : Strategy::kStream;
+}
+
+// The upper triangle of the c×c distances into dist by the planned strategy (kTiles or kGram).
+void all_distances(const Rows& X, const std::vector<int64_t>& cand, bool parallel, float* dist,
+                   Strategy plan) {
+  if (plan == Strategy::kTiles) {
+    nearest_distances(X, cand, parallel, dist);
+  } else {
+    blas_distances(X, cand, parallel, dist, false);
+  }
 }
 
 // The steps of a greedy loop over c candidates, each returning the argmax of its update.  A step
@@ -794,7 +872,7 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
   const bool all_pairs = start < 0 && obj == Objective::kMaxMin;  // the start rule needs every pair
   const Strategy plan = choose_strategy(c, k, all_pairs, blas_is_fp32());
   const bool fits = c * c <= kMaxStoredDistances;
-  if (fits && (plan == Strategy::kGram || (plan == Strategy::kTiles && all_pairs))) {
+  if (fits && (plan == Strategy::kGram || plan == Strategy::kTiles)) {
     stored.reset(new float[static_cast<size_t>(c * c)]);
     dist = stored.get();
   }
@@ -803,13 +881,13 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
     sp = std::lower_bound(cand.begin(), cand.end(), start) - cand.begin();
     TORCH_CHECK_VALUE(sp < c && cand[sp] == start, "start=", start,
                       " is not a candidate (mask is False there) in row ", row);
-    if (dist) blas_distances(X, cand, parallel, dist, false);
+    if (dist) all_distances(X, cand, parallel, dist, plan);
   } else if (obj == Objective::kMaxMin) {
     sp = argmax(plan == Strategy::kTiles ? nearest_distances(X, cand, parallel, dist)
                 : dist                  ? blas_distances(X, cand, parallel, dist, true)
                                         : blas_nearest(X, cand, parallel));
   } else {
-    if (dist) blas_distances(X, cand, parallel, dist, false);
+    if (dist) all_distances(X, cand, parallel, dist, plan);
     sp = argmax(distance_sums(X, cand, parallel));
   }
 
@@ -1275,8 +1353,8 @@ at::Tensor mi_scores(const Prepared& V, const Prepared& T,
   at::Tensor out = at::empty({B, N}, V.y.options());
   float* o = out.data_ptr<float>();
   for_batch(B, [&](int64_t b, bool parallel) {
-    mi_row(rows_of(V, b, metric), rows_of(T, b, metric), tmask ? tmask + b * M : nullptr, N, M, b,
-           parallel, o + b * N);
+    mi_row(rows_of(V, b, metric), rows_of(T, b, metric), tmask ? tmask + b * M : nullptr, N, M,
+           V.first_row + b, parallel, o + b * N);
   });
   return out;
 }
@@ -1290,7 +1368,7 @@ at::Tensor greedy(const Prepared& P, int64_t k, Objective objective, Metric metr
   int64_t* o = out.data_ptr<int64_t>();
   for_batch(B, [&](int64_t b, bool parallel) {
     greedy_row(rows_of(P, b, metric), candidates(m ? m + b * N : nullptr, N), k, objective, start,
-               need, b, parallel, o + b * k);
+               need, P.first_row + b, parallel, o + b * k);
   });
   return out;
 }
@@ -1305,7 +1383,7 @@ at::Tensor dpp_map(const Prepared& P, const at::Tensor& relevance, int64_t k,
   int64_t* o = out.data_ptr<int64_t>();
   auto row = [&](int64_t b, bool parallel) {
     dpp_row(rows_of(P, b, Metric::kCosine), r + b * N, candidates(m ? m + b * N : nullptr, N), k,
-            static_cast<float>(eps), need, b, parallel, o + b * k);
+            static_cast<float>(eps), need, P.first_row + b, parallel, o + b * k);
   };
   // Rows in parallel make every core stream a whole row of tokens from memory at every step.
   // When a row does not fit a core's cache but its share of a split row does, the rows go one
@@ -1318,6 +1396,62 @@ at::Tensor dpp_map(const Prepared& P, const at::Tensor& relevance, int64_t k,
   } else {
     for_batch(B, row);
   }
+  return out;
+}
+
+// --------------------------------------------------------------------------- HoloV statistics
+// visprune.methods.holov.similarity_variance, crop by crop: S_ij = (x_i·x_j) / n_i / n_j with
+// n = |x| + 1e-6 (ATen's norm, as the PyTorch form) and S_ii = 0 over the M tokens of the crop,
+// mu_i = Σ_j S_ij / m1 and V_i = Σ_j (S_ij - mu_i)² / m1 (j = i included, m1 = max(M - 1, 1)).
+// Each pair's product is computed once, over the upper triangle in 2×4 dot tiles whose rows (the
+// crop, M·D floats) stay in the core's cache; the PyTorch form's batched [M, D] @ [D, M]
+// products compute every pair twice.  The crops of all images are split over the threads.
+at::Tensor holov_variance(const at::Tensor& x, int64_t crops) {
+  constexpr int R = 2, C = 4;
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const int64_t last[] = {-1};
+  const at::Tensor norm = (at::linalg_vector_norm(x, 2, last, /*keepdim=*/false) + kHolovEps)
+                              .contiguous();
+  at::Tensor out = at::zeros({B, N}, x.options());
+  const float* xs = x.data_ptr<float>();
+  const float* ns = norm.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t base = N / crops, rem = N % crops;
+  at::parallel_for(0, B * crops, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> S;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / crops, cr = t % crops;
+      const int64_t M = base + (cr < rem ? 1 : 0), first = cr * base + std::min(cr, rem);
+      if (M == 0) continue;
+      const float* X = xs + (b * N + first) * D;
+      const float* n = ns + b * N + first;
+      S.assign(static_cast<size_t>(M * M), 0.0f);
+      for (int64_t i0 = 0; i0 < M; i0 += R)
+        for (int64_t j0 = i0 / C * C; j0 < M; j0 += C) {
+          const float* a[R];
+          const float* c[C];
+          for (int r = 0; r < R; ++r) a[r] = X + std::min(i0 + r, M - 1) * D;
+          for (int q = 0; q < C; ++q) c[q] = X + std::min(j0 + q, M - 1) * D;
+          float d[R * C];
+          dot_tile<R, C>(a, c, D, d);
+          for (int r = 0; r < R; ++r)
+            for (int q = 0; q < C; ++q) {
+              const int64_t i = i0 + r, j = j0 + q;
+              if (i < j && j < M) S[i * M + j] = S[j * M + i] = d[r * C + q] / n[i] / n[j];
+            }
+        }
+      const float m1 = static_cast<float>(std::max<int64_t>(M - 1, 1));
+      for (int64_t i = 0; i < M; ++i) {
+        const float* row = S.data() + i * M;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < M; ++j) sum += row[j];
+        const float mu = sum / m1;
+        float var = 0.0f;
+        for (int64_t j = 0; j < M; ++j) var += (row[j] - mu) * (row[j] - mu);
+        o[b * N + first + i] = var / m1;
+      }
+    }
+  });
   return out;
 }
 
@@ -1338,7 +1472,8 @@ void mi_tokens(const float* v, int64_t n, const float* t, int64_t M, const bool*
 }
 
 const Kernels& kernels() {
-  static const Kernels k{&mi_scores, &greedy, &gather_rows, &received_attention, &dpp_map};
+  static const Kernels k{&mi_scores,          &greedy,  &gather_rows,
+                         &received_attention, &dpp_map, &holov_variance};
   return k;
 }
 

@@ -731,7 +731,7 @@ at::Tensor greedy_varlen(const Prepared& P, const at::Tensor& cu, const at::Tens
 
 const Kernels& kernels() {
   static const Kernels k{&mi_scores, &greedy, &gather_rows, /*received_attention=*/nullptr,
-                         /*dpp_map=*/nullptr};
+                         /*dpp_map=*/nullptr, /*holov_variance=*/nullptr};
   return k;
 }
 

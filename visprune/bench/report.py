@@ -26,6 +26,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (``avx2``, ``avx512f``, ...);
+    empty where that file cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``"float16"`` for ``torch.float16``: the name the table, the JSON rows and ``--dtype`` use."""
     return str(dtype).replace("torch.", "")

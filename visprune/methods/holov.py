@@ -3,7 +3,8 @@
 Each contiguous raster crop gets a share of the budget proportional to a holistic score
 (attention plus the spread of its tokens' similarities); within a crop the most attended tokens
 are kept.  The per-crop similarity statistics are a Triton kernel
-(:mod:`visprune.triton_kernels.holov`) or the plain-PyTorch :func:`similarity_variance`; the
+(:mod:`visprune.triton_kernels.holov`), a C++ CPU kernel (``torch.ops.visprune.holov_variance``:
+each pair's product once, over the triangle) or the plain-PyTorch :func:`similarity_variance`; the
 allocation is vectorised over crops; the final gather is :func:`visprune.ops.gather_compact`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .. import checks, ops
 from ..common import HOLOV_EPS, PruneResult, descending_order, true_fp32
-from ._common import use_triton
+from ..backends import checked_name
 
 __all__ = ["holov", "crop_layout", "similarity_variance", "crop_scores", "allocate"]
 
@@ -159,8 +160,10 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
         alpha: weight of the similarity-variance term.
         redistribute: ``True`` (default) gives a full crop's unused budget to the other crops;
             ``False`` reproduces the original, which zero-pads the output to ``keep`` tokens.
-        backend: ``"triton"`` runs the similarity statistics as a Triton kernel; every backend
-            is passed to :func:`visprune.ops.gather_compact`.
+        backend: ``"triton"`` runs the similarity statistics as a Triton kernel, ``"cpu"`` (the
+            default for CPU tensors when ``visprune._C`` is built) as a C++ kernel, any other
+            backend in plain PyTorch; every backend is passed to
+            :func:`visprune.ops.gather_compact`.
 
     Output order is the original's: crop by crop; within a crop that keeps all its tokens, raster
     order, else descending attention.  Zero-padded rows (only with ``redistribute=False``) have
@@ -180,9 +183,13 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     checks.flag("redistribute", redistribute)
 
-    if use_triton(backend, features.device):
+    name = checked_name(backend, features.device)
+    if name == "triton":
         from visprune.triton_kernels import holov as _kernels
         variance = _kernels.similarity_variance(features, num_crops)
+    elif name == "cpu":
+        from visprune._ext import holov_variance
+        variance = holov_variance(features, num_crops)
     else:
         variance = similarity_variance(features, num_crops)
     scores = crop_scores(variance, attn, num_crops, float(alpha))
