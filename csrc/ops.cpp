@@ -166,19 +166,20 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // A CPU temporary above glibc's largest mmap threshold (32 MiB) is mapped afresh by every call,
 // and first touching its pages costs as much as the kernels: normalising B = 8, N = 576,
 // D = 4096 fp32 tokens takes 27 ms into a new tensor, 3.4 ms into an existing one.  The CPU ops
-// on [B, N, D] tokens therefore run on chunks of rows whose fp32 copy stays under kChunkBytes
-// (one row at least; a multiple of the thread count where more fit, so rows still split over the
-// cores), each chunk's temporaries reusing the memory the one before freed.  CUDA runs a batch
-// at once.  Every row's result is the same either way.
+// on [B, N, D] tokens therefore run on chunks of rows whose fp32 copy stays under kChunkBytes,
+// each chunk's temporaries reusing the memory the one before freed; a chunk still holds at least
+// as many rows as threads (a multiple of them where more fit), so rows keep running in parallel
+// (on many cores that chunk may exceed kChunkBytes again).  CUDA runs a batch at once.  Every
+// row's result is the same either way.
 constexpr int64_t kChunkBytes = int64_t(24) << 20;
 
 int64_t chunk_rows(const at::Tensor& x) {
   const int64_t B = x.size(0);
   if (!x.is_cpu() || B <= 1) return B;
   const int64_t row = std::max<int64_t>(1, x.size(1) * x.size(2) * int64_t(sizeof(float)));
-  int64_t n = std::max<int64_t>(1, kChunkBytes / row);
   const int64_t threads = at::get_num_threads();
-  if (n >= threads) n -= n % threads;
+  int64_t n = kChunkBytes / row;
+  n = n >= threads ? n - n % threads : threads;
   return std::min(n, B);
 }
 

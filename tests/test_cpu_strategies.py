@@ -100,10 +100,11 @@ def test_prune_under_each_strategy(strategy):
         assert torch.equal(got.indices, want.indices)
 
 
-def test_lowered_matmul_precision_keeps_indices(monkeypatch):
+@pytest.mark.parametrize("forced", ["gram", "stream"])
+def test_lowered_matmul_precision_keeps_indices(monkeypatch, forced):
     """A caller that lowered torch's fp32 matmul precision: the BLAS path is not used (it could
     round through bf16 / TF32), the indices stay the reference's."""
-    monkeypatch.setenv("VISPRUNE_CPU_GREEDY", "gram")
+    monkeypatch.setenv("VISPRUNE_CPU_GREEDY", forced)
     x = _tokens(2, 257, 40, seed=5)
     old = torch.get_float32_matmul_precision()
     try:
@@ -169,9 +170,18 @@ def test_row_chunks_match_reference():
     """B = 4, N = 600, D = 4096 fp32 is 39 MB: the CPU ops run it in two chunks of two rows
     (24 MiB cap).  Every row's result is the reference's, and a kernel error names the batch
     row, not the row within its chunk."""
-    from visprune.methods.cdpruner import dpp_map, dpp_map_torch
     B, N, D = 4, 600, 4096
     assert B * N * D * 4 > 24 << 20 >= 2 * N * D * 4   # more than one chunk, two rows each
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                            # chunks hold >= one row per thread
+    try:
+        _check_row_chunks(B, N, D)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_row_chunks(B, N, D):
+    from visprune.methods.cdpruner import dpp_map, dpp_map_torch
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, N, D, generator=g) + 0.5 * torch.randn(B, 1, D, generator=g)
     x[:, 500] = x[:, 7]

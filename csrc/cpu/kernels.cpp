@@ -154,7 +154,7 @@ inline void dot_tile(const float* const* a, const float* const* b, int64_t D, fl
 // loads C/8 (C/16) vectors and broadcasts R scalars.  A chain split into k ranges (the
 // accumulators stored and reloaded in between) is the same chain, so the entry of a pair depends
 // neither on where the pair sits in the tile, nor on the order of the two tokens, nor on the
-// ISA's tile shape: the AVX2 (6×16) and AVX-512 (12×32) kernels give the same bits, and identical
+// ISA's tile shape: the AVX2 (6×16) and AVX-512 (8×32) kernels give the same bits, and identical
 // tokens get identical distances here too.
 constexpr int kGramR = 6, kGramC = 16;      // portable / AVX2 tile (received_attention's too)
 constexpr int kGramR512 = 8, kGramC512 = 32;  // AVX-512: 16 accumulators
@@ -865,12 +865,13 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
   TORCH_CHECK_VALUE(need.value <= c, need.name, "=", need.value,
                     " is larger than the number of candidate tokens (", c, " in row ", row, ")");
   if (k == 0) return;
-  // The upper triangle of the c×c distances, kept when maxmin's start computed every pair
-  // anyway (uninitialised: only the triangle is written and read).
+  // The upper triangle of the c×c distances, kept when the plan computes every pair (kTiles,
+  // kGram) and it fits (uninitialised: only the triangle is written and read).
   std::unique_ptr<float[]> stored;
   float* dist = nullptr;
   const bool all_pairs = start < 0 && obj == Objective::kMaxMin;  // the start rule needs every pair
-  const Strategy plan = choose_strategy(c, k, all_pairs, blas_is_fp32());
+  const bool blas_ok = blas_is_fp32();
+  const Strategy plan = choose_strategy(c, k, all_pairs, blas_ok);
   const bool fits = c * c <= kMaxStoredDistances;
   if (fits && (plan == Strategy::kGram || plan == Strategy::kTiles)) {
     stored.reset(new float[static_cast<size_t>(c * c)]);
@@ -883,7 +884,7 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
                       " is not a candidate (mask is False there) in row ", row);
     if (dist) all_distances(X, cand, parallel, dist, plan);
   } else if (obj == Objective::kMaxMin) {
-    sp = argmax(plan == Strategy::kTiles ? nearest_distances(X, cand, parallel, dist)
+    sp = argmax(plan == Strategy::kTiles || !blas_ok ? nearest_distances(X, cand, parallel, dist)
                 : dist                  ? blas_distances(X, cand, parallel, dist, true)
                                         : blas_nearest(X, cand, parallel));
   } else {
@@ -1416,6 +1417,7 @@ at::Tensor holov_variance(const at::Tensor& x, int64_t crops) {
   const float* xs = x.data_ptr<float>();
   const float* ns = norm.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  crops = std::min(crops, N);  // more crops than tokens: single tokens (variance 0) either way
   const int64_t base = N / crops, rem = N % crops;
   at::parallel_for(0, B * crops, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S;
