@@ -64,9 +64,10 @@ def divprune_original(visual, keep):
 
 def prumerge_plus_original_loop(x, a, keys):
     """PruMerge+'s code path: IQR ratio, top-n, the raster samples not already kept (a Python
-    membership test per sample), then the per-token merge loop (as ``original_loop_prumerge``)."""
+    membership test per sample), then the per-token merge loop (``original_merge``)."""
     import torch
-    import torch.nn.functional as F
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_methods as bm
     n = a.shape[1]
     q1, q3 = torch.quantile(a, torch.tensor([0.25, 0.75]), dim=-1)
     count = (a > (q3 + 1.5 * (q3 - q1))[:, None]).sum(-1)
@@ -78,20 +79,8 @@ def prumerge_plus_original_loop(x, a, keys):
         flat = idx.tolist()
         extra_idx = [t for t in range(0, n - 1, step) if t not in flat]
         idx = torch.cat([idx, torch.tensor(extra_idx, dtype=torch.long)])
-        mask = torch.ones(n, dtype=torch.bool)
-        mask[idx] = False
-        compl = mask.nonzero().flatten()
-        k_kept, k_rest = F.normalize(keys[b, idx], dim=-1), F.normalize(keys[b, compl], dim=-1)
-        merged = torch.zeros(len(idx), x.shape[-1])
-        for i in range(len(idx)):
-            rest_x = torch.cat([x[b, idx[:i]], x[b, idx[i + 1:]], x[b, compl]])
-            rest_a = torch.cat([a[b, idx[:i]], a[b, idx[i + 1:]], a[b, compl]])
-            rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_rest])
-            cluster = (k_kept[i:i + 1] @ rest_k.T).topk(32, dim=1).indices[0]
-            merged[i] = (rest_x[cluster] * rest_a[cluster, None]).sum(0) + x[b, idx[i]]
-        extra = (x[b, compl] * a[b, compl, None]).sum(0, keepdim=True)
         idx_out.append(idx)
-        tok_out.append(torch.cat([merged, extra]))
+        tok_out.append(bm.original_merge(x[b], a[b], keys[b], idx))
     return idx_out, tok_out
 
 

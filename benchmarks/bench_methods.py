@@ -97,6 +97,26 @@ def plain_prumerge(x, a, keys):
     return idx_out, tok_out
 
 
+def original_merge(x, a, keys, idx):
+    """The original's per-token merge loop on one image (``x[n, D]``, ``a[n]``, ``keys[n, Dk]``)
+    for the kept positions ``idx``: each kept token plus the attention-weighted sum of the 32
+    others nearest to it by key cosine, then one extra token, the weighted sum of the unkept."""
+    n = a.shape[0]
+    mask = torch.ones(n, dtype=torch.bool, device=a.device)
+    mask[idx] = False
+    compl = mask.nonzero().flatten()
+    k_kept, k_rest = F.normalize(keys[idx], dim=-1), F.normalize(keys[compl], dim=-1)
+    merged = torch.zeros(len(idx), x.shape[-1], device=x.device)
+    for i in range(len(idx)):
+        rest_x = torch.cat([x[idx[:i]], x[idx[i + 1:]], x[compl]])
+        rest_a = torch.cat([a[idx[:i]], a[idx[i + 1:]], a[compl]])
+        rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_rest])
+        cluster = (k_kept[i:i + 1] @ rest_k.T).topk(32, dim=1).indices[0]
+        merged[i] = (rest_x[cluster] * rest_a[cluster, None]).sum(0) + x[idx[i]]
+    extra = (x[compl] * a[compl, None]).sum(0, keepdim=True)
+    return torch.cat([merged, extra])
+
+
 def original_loop_prumerge(x, a, keys):
     """The original's merge: a Python loop over images and kept tokens (selection as above)."""
     n = a.shape[1]
@@ -105,20 +125,8 @@ def original_loop_prumerge(x, a, keys):
     idx_out, tok_out = [], []
     for b in range(a.shape[0]):
         idx = a[b].topk(max(1, int(n * (count[b].item() / n)))).indices
-        mask = torch.ones(n, dtype=torch.bool, device=a.device)
-        mask[idx] = False
-        compl = mask.nonzero().flatten()
-        k_kept, k_rest = F.normalize(keys[b, idx], dim=-1), F.normalize(keys[b, compl], dim=-1)
-        merged = torch.zeros(len(idx), x.shape[-1], device=x.device)
-        for i in range(len(idx)):
-            rest_x = torch.cat([x[b, idx[:i]], x[b, idx[i + 1:]], x[b, compl]])
-            rest_a = torch.cat([a[b, idx[:i]], a[b, idx[i + 1:]], a[b, compl]])
-            rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_rest])
-            cluster = (k_kept[i:i + 1] @ rest_k.T).topk(32, dim=1).indices[0]
-            merged[i] = (rest_x[cluster] * rest_a[cluster, None]).sum(0) + x[b, idx[i]]
-        extra = (x[b, compl] * a[b, compl, None]).sum(0, keepdim=True)
         idx_out.append(idx)
-        tok_out.append(torch.cat([merged, extra]))
+        tok_out.append(original_merge(x[b], a[b], keys[b], idx))
     return idx_out, tok_out
 
 

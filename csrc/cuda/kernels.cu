@@ -476,23 +476,13 @@ GreedyLaunch plan_greedy(int64_t N, int64_t per_block) {
   }
 }
 
-at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
-                  const c10::optional<at::Tensor>& mask, int64_t start, Count /*need*/) {
-  // Rows short of candidates are not reported here (that would need a host sync): the kernel
-  // records -1 from the step where a row has none left.
-  const int64_t B = P.y.size(0), N = P.y.size(1), D = P.y.size(2);
-  at::Tensor out = at::empty({B, k}, P.y.options().dtype(at::kLong));
-  const at::Tensor cand = mask.has_value() ? mask->contiguous()
-                                           : at::ones({B, N}, P.y.options().dtype(at::kBool));
-  const bool maxmin = obj == Objective::kMaxMin, cosine = metric == Metric::kCosine;
-  at::Tensor dist, key;
-  if (start < 0) key = start_key(P, cand, maxmin, cosine, &dist);
-
-  // Blocks per row: enough to spread a step's work (a warp per token when the distances are
-  // computed, a thread per token when stored), no more than fit on the device at once.
-  const GreedyLaunch L = plan_greedy(N, dist.defined() ? 4 * kThreads : 4 * kWarps);
+// greedy_kernel over B rows of N tokens, or with cu / ck (defined) over B packed segments of
+// [T = N, D] tokens, as many rows per cooperative launch as fit on the device (plan L).
+void launch_greedy(const Prepared& P, const at::Tensor& cand, const at::Tensor& dist,
+                   const at::Tensor& key, const at::Tensor& cu, const at::Tensor& ck, int64_t B,
+                   int64_t N, int64_t k, int64_t start, bool cosine, bool maxmin,
+                   const GreedyLaunch& L, at::Tensor& out) {
   const int64_t rows_per_launch = std::max<int64_t>(1, L.resident / L.blocks);
-
   at::Tensor partial = at::empty({2 * B * L.blocks * int64_t(sizeof(Best))},
                                  P.y.options().dtype(at::kByte));
   at::Tensor sync = at::zeros({2 * B}, P.y.options().dtype(at::kInt));
@@ -502,15 +492,15 @@ at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
   args.dist = dist.defined() ? dist.data_ptr<float>() : nullptr;
   args.key = key.defined() ? key.data_ptr<float>() : nullptr;
   args.cand = cand.data_ptr<bool>();
-  args.cu = nullptr;
-  args.ck = nullptr;
+  args.cu = cu.defined() ? cu.data_ptr<int64_t>() : nullptr;
+  args.ck = ck.defined() ? ck.data_ptr<int64_t>() : nullptr;
   args.out = out.data_ptr<int64_t>();
   args.partial = reinterpret_cast<Best*>(partial.data_ptr<uint8_t>());
   args.count = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
   args.gen = args.count + B;
   args.B = B;
   args.N = N;
-  args.D = D;
+  args.D = P.y.size(2);
   args.k = k;
   args.start = start;
   args.blocks = static_cast<int>(L.blocks);
@@ -525,6 +515,24 @@ at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
     VISPRUNE_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(greedy_kernel), grid,
                                                     dim3(kThreads), params, L.smem, stream));
   }
+}
+
+at::Tensor greedy(const Prepared& P, int64_t k, Objective obj, Metric metric,
+                  const c10::optional<at::Tensor>& mask, int64_t start, Count /*need*/) {
+  // Rows short of candidates are not reported here (that would need a host sync): the kernel
+  // records -1 from the step where a row has none left.
+  const int64_t B = P.y.size(0), N = P.y.size(1);
+  at::Tensor out = at::empty({B, k}, P.y.options().dtype(at::kLong));
+  const at::Tensor cand = mask.has_value() ? mask->contiguous()
+                                           : at::ones({B, N}, P.y.options().dtype(at::kBool));
+  const bool maxmin = obj == Objective::kMaxMin, cosine = metric == Metric::kCosine;
+  at::Tensor dist, key;
+  if (start < 0) key = start_key(P, cand, maxmin, cosine, &dist);
+
+  // Blocks per row: enough to spread a step's work (a warp per token when the distances are
+  // computed, a thread per token when stored), no more than fit on the device at once.
+  launch_greedy(P, cand, dist, key, at::Tensor(), at::Tensor(), B, N, k, start, cosine, maxmin,
+                plan_greedy(N, dist.defined() ? 4 * kThreads : 4 * kWarps), out);
   return out;
 }
 
@@ -676,7 +684,7 @@ at::Tensor greedy_varlen(const Prepared& P, const at::Tensor& cu, const at::Tens
                          int64_t start, const at::Tensor& /*need*/, const char* /*need_name*/) {
   // Segments short of candidates are not reported (that would need a sync): as in greedy, the
   // kernel records -1 from the step where a segment has none left.
-  const int64_t T = P.y.size(1), D = P.y.size(2), B = cu.numel() - 1;
+  const int64_t T = P.y.size(1), B = cu.numel() - 1;
   const int64_t K = ck_host[B].item<int64_t>();
   at::Tensor out = at::empty({K}, P.y.options().dtype(at::kLong));
   const at::Tensor cand =
@@ -690,40 +698,8 @@ at::Tensor greedy_varlen(const Prepared& P, const at::Tensor& cu, const at::Tens
   at::Tensor key;
   if (start < 0) key = start_key_varlen(P, cand, cu, nmax, maxmin, cosine);
 
-  const GreedyLaunch L = plan_greedy(std::max<int64_t>(nmax, 1), 4 * kWarps);
-  const int64_t rows_per_launch = std::max<int64_t>(1, L.resident / L.blocks);
-  at::Tensor partial = at::empty({2 * B * L.blocks * int64_t(sizeof(Best))},
-                                 P.y.options().dtype(at::kByte));
-  at::Tensor sync = at::zeros({2 * B}, P.y.options().dtype(at::kInt));
-  GreedyArgs args;
-  args.y = P.y.data_ptr<float>();
-  args.sq = cosine ? nullptr : P.sq.data_ptr<float>();
-  args.dist = nullptr;
-  args.key = key.defined() ? key.data_ptr<float>() : nullptr;
-  args.cand = cand.data_ptr<bool>();
-  args.cu = cu.data_ptr<int64_t>();
-  args.ck = ck.data_ptr<int64_t>();
-  args.out = out.data_ptr<int64_t>();
-  args.partial = reinterpret_cast<Best*>(partial.data_ptr<uint8_t>());
-  args.count = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
-  args.gen = args.count + B;
-  args.B = B;
-  args.N = T;
-  args.D = D;
-  args.k = 0;
-  args.start = start;
-  args.blocks = static_cast<int>(L.blocks);
-  args.chunk = L.chunk;
-  args.cosine = cosine;
-  args.maxmin = maxmin;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t row0 = 0; row0 < B; row0 += rows_per_launch) {
-    const int64_t rows = std::min(rows_per_launch, B - row0);
-    const dim3 grid(static_cast<unsigned>(L.blocks), static_cast<unsigned>(rows));
-    void* params[] = {&args, &row0};
-    VISPRUNE_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(greedy_kernel), grid,
-                                                    dim3(kThreads), params, L.smem, stream));
-  }
+  launch_greedy(P, cand, at::Tensor(), key, cu, ck, B, T, 0, start, cosine, maxmin,
+                plan_greedy(std::max<int64_t>(nmax, 1), 4 * kWarps), out);
   return out;
 }
 

@@ -151,6 +151,25 @@ def text_hashes(hashes: Mapping[str, List[str]], text_ids: Sequence[int]) -> Dic
             for modality, items in hashes.items()}
 
 
+def _setup(pruner, config: Settings, device: torch.device) -> None:
+    """What both pruners hold, checked at start-up by their dry run: the method, its options and
+    keep, and ``record``, a list to append each pruned image's kept indices to (tests,
+    debugging) or None."""
+    pruner.record = None
+    pruner.method, pruner.keep = config.method, config.keep
+    pruner.method_kwargs = dict(config.options)
+    pruner._fn = getattr(methods, pruner.method)
+    if pruner.method == "trimtokenator":
+        pruner._stage1 = checks.fraction_or_count("stage1_keep", pruner.method_kwargs.get(
+            "stage1_keep", inspect.signature(pruner._fn).parameters["stage1_keep"].default))
+    checked_name(pruner.method_kwargs.get("backend"), device)
+    try:
+        pruner._dry_run()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"visprune: {pruner.method} with {dict(config.options)} and "
+                         f"keep={pruner.keep}: {e}") from None
+
+
 class Pruner:
     """One model's method, called on the encoder step's images.
 
@@ -164,23 +183,10 @@ class Pruner:
     _dry_run = PruningHandle._dry_run
 
     def __init__(self, config: Settings, crop_tokens: int, device: torch.device):
-        # A list to append each pruned image's kept indices to (tests, debugging), or None.
+        self._crop_tokens = crop_tokens
         # The varlen path (DivPrune / TrimTokenator on images of different sizes) returns tokens
         # only and records nothing.
-        self.record: Optional[list] = None
-        self.method, self.keep = config.method, config.keep
-        self.method_kwargs = dict(config.options)
-        self._fn = getattr(methods, self.method)
-        self._crop_tokens = crop_tokens
-        if self.method == "trimtokenator":
-            self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
-                "stage1_keep", inspect.signature(self._fn).parameters["stage1_keep"].default))
-        checked_name(self.method_kwargs.get("backend"), device)
-        try:
-            self._dry_run()
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"visprune: {self.method} with {dict(config.options)} and "
-                             f"keep={self.keep}: {e}") from None
+        _setup(self, config, device)
 
     def prune(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
               text_mask: Optional[torch.Tensor] = None, attn: Optional[List[torch.Tensor]] = None,
@@ -251,20 +257,7 @@ class QwenPruner:
     _dry_run = QwenPruningHandle._dry_run
 
     def __init__(self, config: Settings, device: torch.device):
-        # A list to append each pruned image's kept indices to (tests, debugging), or None.
-        self.record: Optional[list] = None
-        self.method, self.keep = config.method, config.keep
-        self.method_kwargs = dict(config.options)
-        self._fn = getattr(methods, self.method)
-        if self.method == "trimtokenator":
-            self._stage1 = checks.fraction_or_count("stage1_keep",
-                                                    self.method_kwargs.get("stage1_keep", 0.8))
-        checked_name(self.method_kwargs.get("backend"), device)
-        try:
-            self._dry_run()
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"visprune: {self.method} with {dict(config.options)} and "
-                             f"keep={self.keep}: {e}") from None
+        _setup(self, config, device)
 
     def select(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
                text_mask: Optional[torch.Tensor] = None,

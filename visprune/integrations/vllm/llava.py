@@ -156,16 +156,10 @@ class _PrunedEncoderMixin:
             return self.visprune.prune_dense(data, **text)
         return self.visprune.prune(list(data), **text)
 
-
-class PrunedLlavaForConditionalGeneration(_PrunedEncoderMixin, LlavaForConditionalGeneration):
-    """vLLM's LLaVA-1.5 with visprune.  All images have the same token count: every encoder
-    step's images are pruned in one batched call."""
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._visprune_setup(vllm_config, "llava")
-
     def embed_multimodal(self, **kwargs):
+        """The encoder step: vLLM's own without pruning; else the images pruned, from
+        precomputed embeddings (``_visprune_embeds``) or pixels (the model's
+        ``_visprune_pixels(image_input, text)``)."""
         text_ids = kwargs.pop(TEXT_FIELD, None)
         if self.visprune is None:
             return super().embed_multimodal(**kwargs)
@@ -175,6 +169,19 @@ class PrunedLlavaForConditionalGeneration(_PrunedEncoderMixin, LlavaForCondition
         text = self._visprune_text(text_ids)
         if image_input["type"] == "image_embeds":
             return self._visprune_embeds(image_input["data"], text)
+        return self._visprune_pixels(image_input, text)
+
+
+class PrunedLlavaForConditionalGeneration(_PrunedEncoderMixin, LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 with visprune.  All images have the same token count: every encoder
+    step's images are pruned in one batched call."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._visprune_setup(vllm_config, "llava")
+
+    def _visprune_pixels(self, image_input, text):
+        """The step's images from pixels, pruned in one batched call."""
         with self._visprune_capture() as got:
             features = self._process_image_pixels(image_input)       # [I, n, C], before projector
         inputs = self._visprune_cls_inputs(got)
@@ -208,16 +215,8 @@ class PrunedLlavaNextForConditionalGeneration(_PrunedEncoderMixin,
                     shim, size, crop, strategy="spatial_unpad")[:, 0].long()
                 for size, crop in zip(image_sizes, flat.split(crops))]
 
-    def embed_multimodal(self, **kwargs):
-        text_ids = kwargs.pop(TEXT_FIELD, None)
-        if self.visprune is None:
-            return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        text = self._visprune_text(text_ids)
-        if image_input["type"] == "image_embeds":
-            return self._visprune_embeds(image_input["data"], text)
+    def _visprune_pixels(self, image_input, text):
+        """The step's images from pixels, each packed sequence pruned as a whole."""
         if self.visprune.method not in PRE_PROJECTOR and self.visprune.method != "holov":
             return self.visprune.prune(list(super()._process_image_input(image_input)), **text)
 
