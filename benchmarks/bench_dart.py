@@ -1,5 +1,5 @@
-"""DART: visprune's selection (the in-LLM engine's rule) against the original's code path, side
-by side.
+"""DART: visprune's selection (``visprune.methods.dart``, what the in-LLM engine calls) against
+the original's code path, side by side.
 
     python benchmarks/bench_dart.py [--device cpu|cuda] [--reps 20]
 
@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from visprune.bench import fmt_time, medians
-from visprune.integrations.transformers.inllm import DART, Scoring
+from visprune.methods import dart
 
 L, START, N, HKV, DH, D = 640, 35, 576, 32, 128, 4096
 PIVOT_IMAGE = PIVOT_TEXT = 4
@@ -64,14 +64,11 @@ def inputs(B, device, dtype, seed=0):
     return keys.to(device, dtype), hidden.to(device, dtype)
 
 
-def scoring(keys, hidden, norm):
-    B = keys.shape[0]
-    slots = torch.arange(L, device=keys.device).expand(B, L)
-    rows = torch.arange(B, device=keys.device)[:, None]
-    image = torch.where((slots >= START) & (slots < START + N), rows, -1)
-    valid = torch.ones(B, L, dtype=torch.bool, device=keys.device)
-    return Scoring(1, None, keys, valid, slots, image, torch.where(image >= 0, 0, -1), [N] * B,
-                   None, hidden, norm)
+def spans(B, device):
+    """``(image, text)``: ``bool[B, L]`` the image's tokens and the text after it."""
+    slots = torch.arange(L, device=device).expand(B, L)
+    image = (slots >= START) & (slots < START + N)
+    return image, slots >= START + N
 
 
 def main(argv=None):
@@ -83,15 +80,16 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     norm = torch.nn.RMSNorm(D, eps=1e-5, device=device, dtype=dtype)
-    rule = DART(1 - RATIO, 2, PIVOT_IMAGE, PIVOT_TEXT, 32)
     rows = []
     for B in BATCHES:
         keys, hidden = inputs(B, device, dtype)
-        s = scoring(keys, hidden, norm)
+        image, text = spans(B, device)
 
         def ours():
             with torch.no_grad():
-                return rule.drop(s)
+                return dart(norm(hidden), keys.transpose(1, 2).reshape(B, L, -1), image,
+                            1 - RATIO, text=text, pivot_image=PIVOT_IMAGE,
+                            pivot_text=PIVOT_TEXT).indices
 
         def loop(ordered=False):
             with torch.no_grad():
@@ -99,9 +97,9 @@ def main(argv=None):
                 return [original(START, N, states[b:b + 1], keys[b:b + 1], ordered)
                         for b in range(B)]
 
-        kept = ~ours() & (s.image >= 0)
+        kept = ours()
         for b, want in enumerate(loop(ordered=True)):
-            if sorted(want.tolist()) != kept[b].nonzero()[:, 0].tolist():
+            if sorted(want.tolist()) != kept[b][kept[b] >= 0].tolist():
                 raise SystemExit(f"B={B}: DART and the original keep different tokens (row {b})")
         rows.append((B, *medians([ours, loop], device, args.reps)))
 

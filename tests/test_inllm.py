@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import visprune  # noqa: E402
 from visprune.fitprune import RECIPES, flops_ratio, load_recipe  # noqa: E402
+from visprune.integrations.transformers.fitprune import calibrate  # noqa: E402
 from visprune.integrations.transformers.inllm import rank_in_image  # noqa: E402
 from visprune.integrations.transformers.llava import image_token_counts  # noqa: E402
 
@@ -305,13 +306,13 @@ def test_calibrate_cli_writes_the_api_recipe(llava, tmp_path):
 
     samples = _samples(llava)
     info = {}
-    recipe = visprune.fitprune.calibrate(llava, samples, 0.5, progress=False, info=info)
+    recipe = calibrate(llava, samples, 0.5, progress=False, info=info)
     assert sum(recipe.values()) > 0 and 0 < info["alpha"] < 1 and info["ratio"] < 1
     assert not llava._forward_pre_hooks                  # the calibration's engine is gone
     llava.save_pretrained(tmp_path / "model")
     torch.save(samples, tmp_path / "samples.pt")
     out = tmp_path / "recipe.json"
-    run = subprocess.run([sys.executable, "-m", "visprune.fitprune", "calibrate", "--model",
+    run = subprocess.run([sys.executable, "-m", "visprune.integrations.transformers.fitprune", "calibrate", "--model",
                           str(tmp_path / "model"), "--samples", str(tmp_path / "samples.pt"),
                           "--reduction", "0.5", "--device", "cpu", "--dtype", "float32",
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
@@ -334,13 +335,13 @@ def test_calibrate_cli_writes_the_api_recipe(llava, tmp_path):
 def test_calibrate_bad_input(llava, args, match):
     samples = args.pop("samples", None)
     with pytest.raises(ValueError, match=match):
-        visprune.fitprune.calibrate(llava, samples if samples is not None else _samples(llava),
+        calibrate(llava, samples if samples is not None else _samples(llava),
                                     progress=False, **args)
 
 
 def test_calibrate_needs_text_after_the_image(llava):
     with pytest.raises(ValueError, match="no text after its image"):
-        visprune.fitprune.calibrate(llava, [_batch(llava, [[5, "<image>"]])], 0.5,
+        calibrate(llava, [_batch(llava, [[5, "<image>"]])], 0.5,
                                     progress=False)
     assert llava.config.text_config._attn_implementation == "sdpa"
 

@@ -36,6 +36,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import visprune  # noqa: E402
+from visprune import methods  # noqa: E402
 
 IMAGE, PAD = 100, 0
 N = 16                      # CLIP 28x28 pixels, 7x7 patches: 16 image tokens
@@ -334,6 +335,52 @@ def test_dart_matches_original(model, layer, ratio, pivots, kw):
         expected, kept = _dart_reference(model, inputs, layer, ratio, *pivots)
     _check_engine(model, inputs, "dart", dict(kw, layer=layer, pivot_image=pivots[0],
                                               pivot_text=pivots[1]), expected, kept)
+
+
+@pytest.mark.parametrize("keep,pivots", [(0.5, (2, 2)), (6, (1, 3)), (0.375, (2, 1))],
+                         ids=["frac", "int", "odd"])
+def test_methods_dart_matches_original_per_row(keep, pivots):
+    """``visprune.methods.dart`` on a batch whose rows hold their image at different spans: each
+    row keeps what the LightCompress transliteration keeps for that row alone (text pivots from
+    every token after the image, as the original)."""
+    g = torch.Generator().manual_seed(11)
+    B, L, HKV, DH, D = 3, 30, 2, 8, 24
+    spans = [(2, 16), (5, 12), (0, 20)]
+    keys = torch.randn(B, HKV, L, DH, generator=g) * (1 + torch.rand(B, 1, L, 1, generator=g))
+    states = torch.randn(B, L, D, generator=g) + 0.3 * torch.randn(B, 1, D, generator=g)
+    slot = torch.arange(L)
+    image = torch.stack([(slot >= a) & (slot < a + n) for a, n in spans])
+    text = torch.stack([slot >= a + n for a, n in spans])
+    got = methods.dart(states, keys.transpose(1, 2).reshape(B, L, -1), image, keep, text=text,
+                       pivot_image=pivots[0], pivot_text=pivots[1])
+    for b, (a, n) in enumerate(spans):
+        ratio = 1 - keep if isinstance(keep, float) else 1 - keep / n
+        want = _get_retained_image_token(a, n, *pivots, ratio, states[b:b + 1], keys[b:b + 1])
+        kept = got.indices[b, :int(got.lengths[b])]
+        assert kept.tolist() == want.tolist(), b
+        torch.testing.assert_close(got.tokens[b, :len(kept)], states[b, kept])
+    padding = torch.arange(got.indices.shape[1]) >= got.lengths[:, None]
+    assert bool((got.indices[padding] == -1).all()) and bool((got.tokens[padding] == 0).all())
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(keep=0), ValueError, r"keep must be an int >= 1"),
+    (dict(keep=1.5), ValueError, r"keep must be an int >= 1 or a float in \(0, 1\]"),
+    (dict(keep="4"), TypeError, "keep must be an int"),
+    (dict(keep=4, pivot_image=0, pivot_text=0), ValueError, "at least one pivot"),
+    (dict(keep=4, pivot_text=-1), ValueError, "pivot_text must be >= 0"),
+    (dict(keep=4, image=None), TypeError, "image must be"),
+    (dict(keep=4, image=torch.ones(2, 5)), TypeError, "image must have dtype bool"),
+    (dict(keep=4, keys=torch.zeros(3, 6, 4)), ValueError, "keys must have shape"),
+], ids=["keep0", "keep-fraction", "keep-str", "no-pivot", "negative", "no-image", "float-image",
+        "keys-shape"])
+def test_methods_dart_bad_arguments(kw, error, match):
+    args = dict(states=torch.zeros(2, 6, 4), keys=torch.zeros(2, 6, 4),
+                image=torch.ones(2, 6, dtype=torch.bool))
+    args.update(kw)
+    with pytest.raises(error, match=match):
+        methods.dart(args.pop("states"), args.pop("keys"), args.pop("image"), args.pop("keep"),
+                     **args)
 
 
 # --------------------------------------------------------------------------- tests: inference
@@ -646,7 +693,7 @@ def test_calibration_reference_is_informative(reference_recipes):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_calibrate_matches_original(model, samples, reference_recipes, reduction):
-    fitprune = importlib.import_module("visprune.fitprune")
+    fitprune = importlib.import_module("visprune.integrations.transformers.fitprune")
 
     expected, passes, _ = reference_recipes[reduction]
     alpha = [a for a, reach, _ in passes if reach][-1]
@@ -665,19 +712,23 @@ def test_calibrate_matches_original(model, samples, reference_recipes, reduction
 def test_calibrate_infeasible_raises(model, samples):
     """A reduction no pass can reach (the first layer's attention is always spent at full
     size, and at least one image token survives) raises ValueError."""
-    fitprune = importlib.import_module("visprune.fitprune")
+    fitprune = importlib.import_module("visprune.integrations.transformers.fitprune")
 
     with torch.no_grad(), pytest.raises(ValueError):
         fitprune.calibrate(model, samples[:1], 0.99, progress=False)
 
 
-def test_fitprune_module_attribute():
-    """``visprune.fitprune`` (lazy package attribute) is the calibration module, as the API
-    ``visprune.fitprune.calibrate`` / ``flops_ratio`` is spelled; fresh interpreter, so that no
-    earlier import of the submodule hides a wrong lazy mapping."""
-    code = ("import visprune; from visprune import fitprune as a; b = visprune.fitprune; "
+def test_fitprune_modules_import_one_way():
+    """``visprune.fitprune`` (lazy package attribute: recipes, FLOPs) needs no model and imports
+    nothing of the integrations; the calibration lives with the engine it drives and imports
+    it, never the reverse.  Fresh interpreters, so that no earlier import hides a cycle."""
+    code = ("import sys, visprune; from visprune import fitprune as a; b = visprune.fitprune; "
             "assert a.__name__ == b.__name__ == 'visprune.fitprune', (a, b); "
-            "assert callable(b.calibrate) and callable(b.flops_ratio)")
+            "assert callable(b.flops_ratio) and callable(b.load_recipe); "
+            "assert not [m for m in sys.modules if m.startswith('visprune.integrations')]; "
+            "import visprune.integrations.transformers.inllm; "
+            "assert 'visprune.integrations.transformers.fitprune' not in sys.modules; "
+            "from visprune.integrations.transformers.fitprune import calibrate")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -701,7 +752,7 @@ def _flops_ratio(recipe, n=576, d=4096, d_ff=11008, layers=32):
 
 
 def test_flops_ratio_shipped_recipes():
-    fitprune = importlib.import_module("visprune.fitprune")
+    fitprune = importlib.import_module("visprune.integrations.transformers.fitprune")
 
     r60 = dict(enumerate(R60))
     assert sum(R60) == 449

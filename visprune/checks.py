@@ -124,6 +124,24 @@ def count(name: str, value) -> int:
     return value
 
 
+def keep(name: str, value, unit: str = "unit"):
+    """A per-unit budget: an :func:`integer` ``>= 1`` (tokens kept of each ``unit``), or a float
+    (Python or NumPy) in ``(0, 1]`` (a fraction of each one's tokens), returned as a Python int
+    or float."""
+    if isinstance(value, (float, np.floating)):
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {value!r}")
+        return float(value)
+    try:
+        value = integer(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int (tokens kept per {unit}) or a float in (0, 1] "
+                        f"(a fraction of each one's tokens), got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {value!r}")
+    return value
+
+
 def fraction_or_count(name: str, value):
     """An int count, or a float fraction in ``(0, 1]`` (returned as a Python float)."""
     if isinstance(value, (float, np.floating)):

@@ -1,6 +1,7 @@
 """Published visual-token pruning methods, each a thin composition of :mod:`visprune.ops` and
 the kernels it needs.  All are batched, take ``backend=`` and return :class:`PruneResult`."""
 from .cdpruner import cdpruner, dpp_map
+from .dart import dart
 from .divprune import divprune
 from .holov import holov
 from .prumerge import prumerge, prumerge_cls_attention
@@ -9,4 +10,4 @@ from .visionzip import visionzip, visionzip_attention
 from .vispruner import vispruner
 
 __all__ = ["trimtokenator", "divprune", "prumerge", "prumerge_cls_attention", "holov",
-           "visionzip", "visionzip_attention", "vispruner", "cdpruner", "dpp_map"]
+           "visionzip", "visionzip_attention", "vispruner", "cdpruner", "dpp_map", "dart"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 from ... import checks
 from .inllm import INLLM_METHODS, InLLMHandle
 from .llava import METHODS as PRE_LLM_METHODS
-from .llava import PruningHandle, _cls_attention  # noqa: F401  (_cls_attention: tests)
+from .llava import PruningHandle, _cls_attention, active_handle  # noqa: F401  (_cls_attention: tests)
 from .qwen import QWEN_METHODS, QwenPruningHandle
 from .qwen import SUPPORTED as _QWEN
 
-__all__ = ["enable", "PruningHandle", "QwenPruningHandle", "InLLMHandle", "METHODS",
+__all__ = ["enable", "active_handle", "PruningHandle", "QwenPruningHandle", "InLLMHandle", "METHODS",
            "PRE_LLM_METHODS", "QWEN_METHODS", "INLLM_METHODS"]
 
 METHODS = PRE_LLM_METHODS + INLLM_METHODS

@@ -16,7 +16,7 @@ How it plugs in (no model code is replaced and no weight is touched):
   ``visprune_eager``): transformers' ``AttentionInterface`` calls our function with the layer's
   post-RoPE ``query`` / ``key``; it hands them to the engine when the layer is one the method
   scores after, then calls the real ``sdpa`` / ``eager`` attention unchanged.
-* A forward pre-hook on the multimodal model finds each image's placeholder run in a prefill.
+* A forward pre-hook on the multimodal model finds each unit's placeholders in a prefill.
 * A forward hook on a scoring layer replaces its output by the kept tokens only; pre-hooks on the
   later layers give them the matching causal/padding mask, the kept tokens' **original** RoPE
   positions, and, while decoding, a mask over the shorter KV cache those layers hold.
@@ -26,13 +26,20 @@ right-aligned (padding in front), so ``logits[:, -1]`` is every row's last token
 as wide as the longest row.  ``handle.positions`` gives each output slot's index in the input
 (-1 for padding).  Each layer's KV cache holds the tokens that layer saw; layer 0 always holds the
 whole prompt, so the cache length, the 2-D attention mask and decode positions continue from the
-unpruned prompt length, as without pruning.
+unpruned prompt length, as without pruning.  What decoding needs of the pruned layers' shorter
+caches is an attribute of the cache object, so a deep copy of a prompt cache decodes too.
+
+A method prunes per unit: an image, a video (however many placeholder runs its processor
+writes), or with ``per_frame=True`` each video frame; every unit keeps at least one token.  The
+pruning is the prompt's: ``generate`` tells the engine the prompt's width, so that
+``use_cache=False`` (prompt and new tokens rerun at every step) scores the prompt's rows only.
+``generate`` options whose decoding the engine cannot follow are refused before any work.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
-import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -42,9 +49,10 @@ from transformers import (DynamicCache, LlavaForConditionalGeneration,
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ... import checks, ops
+from ... import checks, methods, ops
 from ...backends import checked_name
-from .llava import _ENABLED, Handle, _bind, image_token_counts
+from ...fitprune import load_recipe
+from .llava import Handle, _bind, generation_option, image_token_counts
 
 __all__ = ["InLLMHandle", "INLLM_METHODS"]
 
@@ -52,14 +60,29 @@ INLLM_METHODS = ("fastv", "fitprune", "dart")
 _SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
               Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 _INNER = ("sdpa", "eager")
-# attention module -> (engine, layer index): who observes which layer's queries and keys
-_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# The attention module's attribute naming who observes its queries and keys: (handle, layer).
+_OBSERVER = "_visprune_observer"
+# The cache's attribute holding what decoding with it needs (a ``_Decode``): on the cache, so
+# that a deep copy of the cache (transformers' prompt-reuse pattern) decodes as the original.
+_DECODE = "_visprune_decode"
+# generate() options whose decoding the engine cannot follow, and why.
+_REFUSED_GENERATE = {
+    "prefill_chunk_size": "chunked prefill scores each chunk alone (FastV's last token would be "
+                          "the chunk's, two images in a chunk would share one budget): the "
+                          "pruning needs the whole prompt in one pass",
+    "assistant_model": "assisted decoding verifies draft tokens and crops the cache after a "
+                       "rejected draft, which the pruned layers' shorter caches cannot follow",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding is assisted decoding (draft tokens, "
+                                "cache crops), which the pruned layers' caches cannot follow",
+    "assistant_early_exit": "self-speculative decoding is assisted decoding (draft tokens, cache "
+                            "crops), which the pruned layers' caches cannot follow",
+}
 
 
 # --------------------------------------------------------------------------- attention functions
 def _wrapped(inner: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        owner = _OWNER.get(module)
+        owner = module.__dict__.get(_OBSERVER)
         if owner is not None:
             owner[0]._observe(owner[1], query, key)
         if inner == "sdpa":
@@ -86,16 +109,20 @@ class Scoring:
     """What a rule sees after one layer's attention in a prefill: the layer's post-RoPE ``q``
     ``[B, H, W, dh]`` and ``k`` ``[B, Hkv, W, dh]`` and the current layout: ``valid[B, W]``
     (not padding), ``orig[B, W]`` (each slot's index in the input; -1 for padding),
-    ``image[B, W]`` (the token's image, numbered over the batch in (row, position) order; -1 for
-    a text token), ``ordinal[B, W]`` (the image's order within its row; -1 for text),
-    ``counts[I]`` (each image's current token count), ``hidden[B, W, D]`` (the layer's output)
-    and ``norm`` (the language model's final norm)."""
+    ``image[B, W]`` (the token's unit: an image, a video, or with ``per_frame`` a video frame,
+    numbered over the batch; -1 for a text token), ``ordinal[B, W]`` (the unit's order among
+    its row's units; -1 for text), ``counts[I]`` (each unit's current token count),
+    ``hidden[B, W, D]`` (the layer's output), ``norm`` (the language model's final norm) and
+    ``prompt[B, W]`` (the valid slots of the prompt: in ``generate(use_cache=False)``, which
+    reruns prompt and new tokens at every step, the new tokens are not part of it, so the
+    pruning is the prompt's own at every step)."""
 
     def __init__(self, layer, q, k, valid, orig, image, ordinal, counts, backend, hidden=None,
-                 norm=None):
+                 norm=None, prompt=None):
         self.layer, self.q, self.k, self.valid, self.orig = layer, q, k, valid, orig
         self.image, self.ordinal, self.counts, self.backend = image, ordinal, counts, backend
         self.hidden, self.norm = hidden, norm
+        self.prompt = valid if prompt is None else prompt & valid
 
     def received(self, queries, heads: str) -> torch.Tensor:
         """``float32[B, W]``: the attention every token receives from ``queries`` (``"last"``,
@@ -107,13 +134,19 @@ class Scoring:
                                       heads=heads, key_mask=self.valid, backend=self.backend)
 
     def image_rows(self, r: int):
-        """``(rows, after)`` for the ``r``-th image of every row: ``bool[B, W]`` its tokens, and
-        the valid text tokens after it (none in a row without an ``r``-th image)."""
+        """``(rows, after)`` for the ``r``-th unit of every row: ``bool[B, W]`` its tokens, and
+        the prompt's text tokens after it (none in a row without an ``r``-th unit)."""
         rows = self.ordinal == r
         slot = torch.arange(rows.shape[1], device=rows.device)
         end = torch.where(rows, slot, -1).amax(1, keepdim=True)
-        after = self.valid & (self.image < 0) & (slot > end) & (end >= 0)
+        after = self.prompt & (self.image < 0) & (slot > end) & (end >= 0)
         return rows, after
+
+    def last_prompt_row(self) -> torch.Tensor:
+        """``bool[B, W]``: each row's last prompt token."""
+        slot = torch.arange(self.prompt.shape[1], device=self.prompt.device)
+        last = torch.where(self.prompt, slot, -1).amax(1, keepdim=True)
+        return self.prompt & (slot == last)
 
 
 def rank_in_image(score: torch.Tensor, image: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -132,18 +165,19 @@ def rank_in_image(score: torch.Tensor, image: torch.Tensor, descending: bool) ->
 
 
 class FastV:
-    """FastV: after layer ``layer - 1``, keep per image the ``keep`` tokens (or the fraction
-    ``round(N·keep)``) that the last valid token attends to most, averaged over heads."""
+    """FastV: after layer ``layer - 1``, keep per unit the ``keep`` tokens (or the fraction
+    ``round(N·keep)``, at least one) that the prompt's last token attends to most, averaged
+    over heads."""
 
     name = "fastv"
 
     def __init__(self, keep, layer, num_layers):
-        _check_keep("fastv", keep)
-        self.keep, self.layer = keep, _check_layer("fastv", layer, num_layers)
-        self.layers = {layer - 1}
+        self.keep = checks.keep("keep", keep, "image")
+        self.layer = _check_layer("fastv", layer, num_layers)
+        self.layers = {self.layer - 1}
 
     def kept(self, n: int) -> int:
-        return self.keep if isinstance(self.keep, int) else round(n * self.keep)
+        return self.keep if isinstance(self.keep, int) else max(1, round(n * self.keep))
 
     def check(self, counts: List[int]) -> None:
         for j, n in enumerate(counts):
@@ -152,7 +186,7 @@ class FastV:
                                  f"visual tokens")
 
     def drop(self, s: Scoring) -> torch.Tensor:
-        score = s.received("last", "mean")
+        score = s.received(s.last_prompt_row(), "mean")
         keep = torch.tensor([self.kept(n) for n in s.counts], device=score.device)
         rank = rank_in_image(score, s.image, descending=True)
         return (s.image >= 0) & (rank >= keep[s.image.clamp(min=0)])
@@ -185,17 +219,15 @@ class FitPrune:
     name = "fitprune"
 
     def __init__(self, recipe, num_layers):
-        from ...fitprune import load_recipe
-
         self.recipe = load_recipe(recipe, num_layers)
         self.layers = {l for l, d in self.recipe.items() if d}
 
     def check(self, counts: List[int]) -> None:
         total = sum(self.recipe.values())
         for j, n in enumerate(counts):
-            if total > n:
+            if total >= n:          # at least one token of every unit stays
                 raise ValueError(f"fitprune: the recipe deletes {total} tokens per image, more "
-                                 f"than image {j}'s {n} visual tokens")
+                                 f"than image {j}'s {n} visual tokens leave (one must stay)")
 
     def drop(self, s: Scoring) -> torch.Tensor:
         cross, self_, _ = fitprune_scores(s)
@@ -207,25 +239,23 @@ class FitPrune:
 
 
 class DART:
-    """DART (arXiv 2502.11494; the LightCompress port): after layer ``layer - 1``, per image,
-    ``pivot_image`` image tokens and ``pivot_text`` text tokens after the image with the largest
-    L1 norm of their keys are pivots; in index order, each pivot claims the ``t`` remaining image
-    tokens least cosine-similar to it (final-normed hidden states); the image keeps its pivots and
-    the claimed tokens: ``pivot_image + (pivot_image + pivot_text)·t`` with
-    ``t = int(budget / (pivot_image + pivot_text))``, ``budget`` = ``keep`` (int) or
-    ``N·keep`` (float, the original's ``1 - reduction_ratio``)."""
+    """DART (:func:`visprune.methods.dart`): after layer ``layer - 1``, per unit, pivots by the
+    L1 norm of layer ``layer - 1``'s keys claim the unit's tokens least similar to them in the
+    final-normed hidden states; the unit keeps ``pivot_image + (pivot_image + pivot_text)·t``
+    with ``t = int(budget / (pivot_image + pivot_text))``, ``budget`` = ``keep`` (int) or
+    ``N·keep`` (float, the original's ``1 - reduction_ratio``); the text pivots are the prompt's
+    text tokens after the unit (when fewer follow it, the pivots found share the budget)."""
 
     name = "dart"
 
     def __init__(self, keep, layer, pivot_image, pivot_text, num_layers):
-        _check_keep("dart", keep)
+        self.keep = checks.keep("keep", keep, "image")
         self.layer = _check_layer("dart", layer, num_layers)
         self.pivot_image = checks.integer("pivot_image", pivot_image)
         self.pivot_text = checks.integer("pivot_text", pivot_text)
         if self.pivot_image < 0 or self.pivot_text < 0 or self.pivot_image + self.pivot_text < 1:
             raise ValueError(f"dart: pivot_image and pivot_text must be >= 0 with at least one "
                              f"pivot, got {pivot_image} and {pivot_text}")
-        self.keep = keep
         self.layers = {self.layer - 1}
 
     def claims(self, n: int) -> int:
@@ -233,7 +263,7 @@ class DART:
         return int(budget / (self.pivot_image + self.pivot_text))
 
     def kept(self, n: int) -> int:
-        return self.pivot_image + (self.pivot_image + self.pivot_text) * self.claims(n)
+        return max(1, self.pivot_image + (self.pivot_image + self.pivot_text) * self.claims(n))
 
     def check(self, counts: List[int]) -> None:
         for j, n in enumerate(counts):
@@ -245,64 +275,19 @@ class DART:
 
     def drop(self, s: Scoring) -> torch.Tensor:
         B, W = s.valid.shape
-        keys = s.k.transpose(1, 2).reshape(B, W, -1).float()       # [B, W, Hkv·dh]
-        l1 = keys.abs().sum(-1)
-        states = (s.norm(s.hidden) if s.norm is not None else s.hidden).float()
-        unit = states / states.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        keep = torch.zeros_like(s.valid)
-        claims = torch.tensor([self.claims(n) for n in s.counts], device=keys.device)
+        keys = s.k.transpose(1, 2).reshape(B, W, -1)                 # [B, W, Hkv·dh]
+        states = s.norm(s.hidden) if s.norm is not None else s.hidden
+        keep = torch.zeros(B, W + 1, dtype=torch.bool, device=keys.device)
         for r in range(int(s.ordinal.max()) + 1):
             image, after = s.image_rows(r)
-            img_pivots = _top(l1, image, self.pivot_image)             # [B, p] slots, -1: none
-            pivots = torch.cat([img_pivots, _top(l1, after, self.pivot_text)], 1)
-            pivots = torch.sort(torch.where(pivots >= 0, pivots, W), dim=1).values  # none: W
-            kept = _as_mask(img_pivots, W)
-            pool = image & ~kept
-            which = torch.where(image, s.image, -1).amax(1)             # the image's id, or -1
-            t = torch.where(which >= 0, claims[which.clamp(min=0)], 0)
-            if int(t.max()):
-                # every token's cosine to every pivot, [B, W, P], in one product
-                pivot_units = unit.gather(1, pivots.clamp(max=W - 1)[..., None].expand(
-                    -1, -1, unit.shape[-1]))
-                cosines = torch.bmm(unit, pivot_units.transpose(1, 2))
-                for j in range(pivots.shape[1]):            # in index order, from the pool left
-                    hit = _as_mask(_top(-cosines[:, :, j], pool & (pivots[:, j:j + 1] < W), t), W)
-                    pool &= ~hit
-                    kept |= hit
-            keep |= kept
-        return (s.image >= 0) & ~keep
+            kept = methods.dart(states, keys, image, self.keep, text=after,
+                                pivot_image=self.pivot_image, pivot_text=self.pivot_text).indices
+            keep.scatter_(1, torch.where(kept >= 0, kept, W), True)
+        return (s.image >= 0) & ~keep[:, :W]
 
     def __repr__(self):
         return (f"keep={self.keep}, layer={self.layer}, pivot_image={self.pivot_image}, "
                 f"pivot_text={self.pivot_text}")
-
-
-def _top(score: torch.Tensor, allowed: torch.Tensor, k) -> torch.Tensor:
-    """``int64[B, K]``: per row the slots of the ``k`` highest ``score`` among ``allowed`` (ties:
-    the lower slot), -1 where a row has fewer; ``k``: an int, or an int64 ``[B]`` (``K`` its
-    maximum; a row's entries past its own ``k`` are -1)."""
-    B, W = score.shape
-    k = torch.as_tensor(k, device=score.device).expand(B)
-    K = int(k.max()) if B else 0
-    order = torch.sort(score.masked_fill(~allowed, float("-inf")), dim=1, descending=True,
-                       stable=True).indices[:, :K]
-    ok = allowed.gather(1, order) & (torch.arange(K, device=score.device) < k[:, None])
-    return torch.where(ok, order, -1)
-
-
-def _as_mask(slots: torch.Tensor, W: int) -> torch.Tensor:
-    """``bool[B, W]``: True at the ``slots[B, K]`` (entries -1 ignored)."""
-    mask = torch.zeros(slots.shape[0], W + 1, dtype=torch.bool, device=slots.device)
-    return mask.scatter_(1, torch.where(slots >= 0, slots, W), True)[:, :W]
-
-
-def _check_keep(method: str, keep) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"{method}: keep must be an int (tokens kept per image) or a float in "
-                        f"(0, 1] (a fraction of each image's tokens), got {keep!r}")
-    if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
-        raise ValueError(f"{method}: keep must be an int >= 1 or a float in (0, 1], "
-                         f"got {keep!r}")
 
 
 def _check_layer(method: str, layer, num_layers: int) -> int:
@@ -324,13 +309,17 @@ class _Group:
 
 
 class _Prefill:
-    def __init__(self, image, valid, counts):
+    def __init__(self, image, valid, counts, prompt_width=None):
         B, L = image.shape
         self.image, self.counts = image, list(counts)
-        starts = torch.cat([image.new_zeros(B, 1), (image[:, 1:] != image[:, :-1]).long()], 1)
-        first = (image >= 0) & (starts.bool() | (torch.arange(L, device=image.device) == 0))
-        self.ordinal = torch.where(image >= 0, first.long().cumsum(1) - 1, -1)
-        self.groups = [_Group(torch.arange(L, device=image.device).expand(B, L), valid)]
+        # each unit's order among its row's units (a Qwen3-VL video frame's run is not a unit)
+        present = torch.zeros(B, len(self.counts) + 1, dtype=torch.long, device=image.device)
+        present.scatter_(1, image + 1, 1)
+        rank = present[:, 1:].cumsum(1) - 1
+        self.ordinal = torch.where(image >= 0, rank.gather(1, image.clamp(min=0)), -1)
+        slot = torch.arange(L, device=image.device)
+        self.prompt = slot < (L if prompt_width is None else prompt_width)
+        self.groups = [_Group(slot.expand(B, L), valid)]
         self.group_of: List[int] = []
         self.full: Dict[str, object] = {}
         self.cache = None
@@ -354,42 +343,31 @@ class InLLMHandle(Handle):
     slot of the output (-1 for padding).
     """
 
+    _TRANSIENT = ("_pending", "_run", "_last", "_prompt_width")
+
     def __init__(self, model, method, keep, method_kwargs):
         if not isinstance(model, _SUPPORTED):
             names = ", ".join(c.__name__ for c in _SUPPORTED)
             raise TypeError(f"visprune.enable({method!r}) supports {names}, got "
                             f"{type(model).__name__}")
-        if model in _ENABLED:
-            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+        self._check_free(model)
         checks.choice("method", method, INLLM_METHODS)
         kwargs = dict(method_kwargs)
         self.backend = kwargs.pop("backend", None)
+        self.per_frame = checks.flag("per_frame", kwargs.pop("per_frame", False))
+        if self.per_frame and getattr(model.config, "video_token_id", None) is None:
+            raise ValueError(f"per_frame=True makes every video frame a unit, but "
+                             f"{type(model).__name__} takes no videos")
         lm = model.model.language_model
         layers = lm.layers[: lm.config.num_hidden_layers]
-        if method == "fastv":
-            unknown = sorted(set(kwargs) - {"layer"})
-            if unknown:
-                raise TypeError(f"fastv takes no argument(s) {unknown}; its options are "
-                                f"['backend', 'keep', 'layer']")
-            if keep is None:
-                raise ValueError("fastv needs keep (visual tokens kept per image, or a fraction)")
-            rule = FastV(keep, kwargs.get("layer", 2), len(layers))
-        elif method == "dart":
-            options = {"layer": 2, "pivot_image": 4, "pivot_text": 4}
-            unknown = sorted(set(kwargs) - set(options))
-            if unknown:
-                raise TypeError(f"dart takes no argument(s) {unknown}; its options are "
-                                f"{sorted(['backend', 'keep', *options])}")
-            if keep is None:
-                raise ValueError("dart needs keep (visual tokens kept per image, or a fraction)")
-            options.update(kwargs)
-            rule = DART(keep, options["layer"], options["pivot_image"], options["pivot_text"],
-                        len(layers))
-        else:
-            unknown = sorted(set(kwargs) - {"recipe"})
-            if unknown:
-                raise TypeError(f"fitprune takes no argument(s) {unknown}; its options are "
-                                f"['backend', 'recipe']")
+        options = {"fastv": {"layer": 2}, "dart": {"layer": 2, "pivot_image": 4, "pivot_text": 4},
+                   "fitprune": {"recipe": None}}[method]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            allowed = sorted({"backend", "per_frame", *options} | ({"keep"} if method != "fitprune"
+                                                                  else set()))
+            raise TypeError(f"{method} takes no argument(s) {unknown}; its options are {allowed}")
+        if method == "fitprune":
             if keep is not None:
                 raise ValueError(f"fitprune's recipe says how many tokens each layer deletes: "
                                  f"pass no keep, got keep={keep}")
@@ -397,6 +375,14 @@ class InLLMHandle(Handle):
                 raise ValueError("fitprune needs recipe= (a {layer: tokens deleted} dict, a JSON "
                                  "file, or a shipped LLaVA-1.5-7B recipe such as 'r60')")
             rule = FitPrune(kwargs["recipe"], len(layers))
+        else:
+            if keep is None:
+                raise ValueError(f"{method} needs keep (visual tokens kept per image, or a "
+                                 f"fraction)")
+            options.update(kwargs)
+            rule = (FastV(keep, options["layer"], len(layers)) if method == "fastv" else
+                    DART(keep, options["layer"], options["pivot_image"], options["pivot_text"],
+                         len(layers)))
         implementation = lm.config._attn_implementation
         if implementation not in _INNER:
             raise ValueError(f"in-LLM pruning runs with the language model's 'sdpa' or 'eager' "
@@ -408,69 +394,119 @@ class InLLMHandle(Handle):
         self.model, self.method, self.rule = model, method, rule
         self.positions: Optional[torch.Tensor] = None
         self._lm, self._layers, self._implementation = lm, layers, implementation
+        self._window = _sliding_window(lm.config)
         self._pending: Optional[_Prefill] = None
         self._run: Optional[_Prefill] = None
         self._last: Optional[_Prefill] = None
-        self._decoding: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._prompt_width: Optional[int] = None
         self._signature = inspect.signature(model.model.forward)
+        self._call_signature = inspect.signature(model.forward)
+        self._generate_signature = inspect.signature(model.generate)
 
         _register()
         lm.config._attn_implementation = f"visprune_{implementation}"
         if hasattr(lm, "_deepstack_process"):        # Qwen3-VL: added after the early layers
-            lm._deepstack_process = self._wrap_deepstack(lm._deepstack_process)
+            lm._deepstack_process = functools.partial(self._deepstack, lm._deepstack_process)
         self._hooks = [model.register_forward_pre_hook(self._check_call, with_kwargs=True),
                        model.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
         for l, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(
-                self._before_layer(l), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._after_layer(l)))
-            _OWNER[layer.self_attn] = (self, l)
-        _ENABLED[model] = self
+                functools.partial(self._before_layer, l), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(functools.partial(self._after_layer,
+                                                                             l)))
+            layer.self_attn.__dict__[_OBSERVER] = (self, l)
+        self._attach(model)
 
     def disable(self) -> None:
-        """Remove the hooks and restore the attention implementation."""
+        """Remove the hooks and restore the attention implementation (unless it was changed
+        since: the caller's choice stays)."""
         if self.model is None:
             return
         for h in self._hooks:
             h.remove()
         for layer in self._layers:
-            _OWNER.pop(layer.self_attn, None)
-        self._lm.config._attn_implementation = self._implementation
+            layer.self_attn.__dict__.pop(_OBSERVER, None)
+        if self._lm.config._attn_implementation == f"visprune_{self._implementation}":
+            self._lm.config._attn_implementation = self._implementation
         self._lm.__dict__.pop("_deepstack_process", None)
-        _ENABLED.pop(self.model, None)
-        self.model = self._pending = self._run = None
+        self._detach()
+        self.model = self._pending = self._run = self._last = None
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
         return f"InLLMHandle({self.method}, {self.rule!r}, {state})"
 
     # ------------------------------------------------------------------ the model call
+    def _generate(self, generate, *args, **kwargs):
+        """``generate`` with the engine's refusals and checks made before any work; while it
+        runs, the prompt's width is known (see :class:`Scoring`'s ``prompt``)."""
+        a = _bind(self._generate_signature, args, kwargs)
+        for name, why in _REFUSED_GENERATE.items():
+            if generation_option(self.model, a, name) is not None:
+                raise NotImplementedError(f"generate({name}=...) is not supported with in-LLM "
+                                          f"pruning: {why}")
+        ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs")
+        if ids is not None and ids.dim() == 2 and _has_visuals(self.model, a):
+            self._layout(dict(a, input_ids=ids))       # placeholders and budgets, before encoding
+            new = generation_option(self.model, a, "max_new_tokens")
+            total = ids.shape[1] + new if new is not None else \
+                generation_option(self.model, a, "max_length")
+            if total is not None:
+                self._check_window(total)
+        self._prompt_width = ids.shape[1] if ids is not None and ids.dim() == 2 else None
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            self._prompt_width = None
+
     def _check_call(self, module, args, kwargs):
-        images = any(kwargs.get(name) is not None for name in ("pixel_values",
-                                                               "pixel_values_videos")) \
-            or any((kwargs.get("mm_encoder_outputs") or {}).values())
-        if images and kwargs.get("labels") is not None:
+        self._sync_attention()
+        a = _bind(self._call_signature, args, kwargs)
+        if _has_visuals(self.model, a) and a.get("labels") is not None:
             raise NotImplementedError(f"{self.method} shortens the sequence inside the language "
                                       f"model, so the logits no longer line up with labels: "
                                       f"training/loss with in-LLM pruning is not supported")
 
+    def _sync_attention(self) -> None:
+        """Follows ``model.set_attn_implementation("sdpa" | "eager")`` made while enabled (the
+        engine's wrapper of the new one takes over); refuses any other."""
+        current = self._lm.config._attn_implementation
+        if current == f"visprune_{self._implementation}":
+            return
+        if current not in _INNER:
+            raise ValueError(f"in-LLM pruning runs with the language model's 'sdpa' or 'eager' "
+                             f"attention, but it was set to {current!r} while pruning was "
+                             f"enabled; set it back, or disable() pruning first")
+        self._implementation = current
+        self._lm.config._attn_implementation = f"visprune_{current}"
+
+    def _check_window(self, total: int) -> None:
+        if self._window is not None and total > self._window:
+            raise ValueError(f"the language model uses sliding-window attention (window "
+                             f"{self._window}) and this run reaches {total} tokens: in-LLM "
+                             f"pruning supports such models only while the sequence fits the "
+                             f"window (the pruned layers' shorter caches and masks do not follow "
+                             f"it)")
+
     def _on_model(self, module, args, kwargs):
+        self._sync_attention()
         a = _bind(self._signature, args, kwargs)
         cache = a.get("cache", a.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        images = bool(_image_counts(self.model, a) or _video_counts(self.model, a))
+        images = _has_visuals(self.model, a)
+        ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
+        if ids is not None:
+            self._check_window(past + ids.shape[1])
         self._pending = None
         if past:                                         # decoding, or a continued prompt
             if images:
                 raise NotImplementedError("in-LLM pruning of images that arrive after a "
                                           "non-empty KV cache is not supported: pass the images "
                                           "with the first call")
-            state = self._decoding.get(cache)
+            state = cache.__dict__.get(_DECODE)
             if state is not None:
-                ids = a.get("input_ids") if a.get("input_ids") is not None else a["inputs_embeds"]
                 mask = a.get("attention_mask")
-                B, q = ids.shape[:2]
-                if B != state.groups[0].valid.shape[0]:
+                if ids.shape[0] != state.groups[0].valid.shape[0]:
                     raise NotImplementedError("the batch changed after a pruned prefill "
                                               "(contrastive search / assisted decoding are not "
                                               "supported with in-LLM pruning)")
@@ -479,7 +515,7 @@ class InLLMHandle(Handle):
                               else mask[:, state.width:].bool())
             return None
         if cache is not None:                            # a new prompt in this cache
-            self._decoding.pop(cache, None)
+            cache.__dict__.pop(_DECODE, None)
         if not images:
             return None
         if a.get("input_ids") is None:
@@ -492,10 +528,11 @@ class InLLMHandle(Handle):
         return None
 
     def _layout(self, a) -> _Prefill:
-        """Each image's placeholder run in the prompt, and the rule's budget check."""
+        """Each unit's placeholders in the prompt, and the rule's budget check."""
         input_ids, mask = a["input_ids"], a.get("attention_mask")
         config = self.model.config
-        counts, videos = _image_counts(self.model, a), _video_counts(self.model, a)
+        counts = _image_counts(self.model, a)
+        videos = _video_counts(self.model, a, self.per_frame)
         image = torch.full_like(input_ids, -1)
         for name, unit, token, these in (("image", "image(s)", "image_token_id", counts),
                                          ("video", "video(s)", "video_token_id", videos)):
@@ -505,7 +542,7 @@ class InLLMHandle(Handle):
             if int(is_unit.sum()) != sum(these):
                 raise ValueError(f"input_ids hold {int(is_unit.sum())} {name} placeholder tokens, "
                                  f"but the {len(these)} {unit} have {these} visual tokens")
-            if these:   # placeholders are filled in (row, position) order, one run per unit
+            if these:   # placeholders are filled in (row, position) order, unit after unit
                 ends = torch.tensor(these, device=input_ids.device).cumsum(0)
                 rank = is_unit.flatten().cumsum(0).view_as(is_unit) - 1
                 offset = len(counts) if name == "video" else 0
@@ -515,7 +552,7 @@ class InLLMHandle(Handle):
         self.rule.check(counts)
         valid = (torch.ones_like(image, dtype=torch.bool) if mask is None else mask.bool()) \
             | (image >= 0)
-        return _Prefill(image, valid, counts)
+        return _Prefill(image, valid, counts, self._prompt_width)
 
     # ------------------------------------------------------------------ the layers
     def _observe(self, layer: int, query, key) -> None:
@@ -523,26 +560,24 @@ class InLLMHandle(Handle):
         if run is not None and layer in self.rule.layers:
             run.qk = (query, key)
 
-    def _before_layer(self, l: int):
-        def hook(module, args, kwargs):
-            if l == 0:
-                self._run, self._pending, self._last = self._pending, None, None
-                if self._run is not None:
-                    self._start(self._run, args, kwargs)
-            run = self._run
-            if run is not None:
-                overrides = run.groups[run.group_of[l]].overrides
-            else:
-                state = self._decoding.get(kwargs.get("cache", kwargs.get("past_key_values")))
-                if state is None or state.group_of[l] == 0:
-                    return None
-                overrides = {"attention_mask": self._decode_mask(state, state.group_of[l],
-                                                                 args, kwargs)}
-            if not overrides:
+    def _before_layer(self, l: int, module, args, kwargs):
+        if l == 0:
+            self._run, self._pending, self._last = self._pending, None, None
+            if self._run is not None:
+                self._start(self._run, args, kwargs)
+        run = self._run
+        if run is not None:
+            overrides = run.groups[run.group_of[l]].overrides
+        else:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            state = cache.__dict__.get(_DECODE) if cache is not None else None
+            if state is None or state.group_of[l] == 0:
                 return None
-            return args, {**kwargs, **overrides}
-
-        return hook
+            overrides = {"attention_mask": self._decode_mask(state, state.group_of[l],
+                                                             args, kwargs)}
+        if not overrides:
+            return None
+        return args, {**kwargs, **overrides}
 
     def _start(self, run: _Prefill, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -554,29 +589,27 @@ class InLLMHandle(Handle):
         run.group_of = [0] * len(self._layers)
         run.dtype = hidden.dtype
 
-    def _after_layer(self, l: int):
-        def hook(module, args, output):
-            run = self._run
-            if run is not None and l in self.rule.layers:
-                output = self._prune(run, l, output)
-            if run is not None and l == len(self._layers) - 1:
-                self._finish(run)
-            return output
-
-        return hook
+    def _after_layer(self, l: int, module, args, output):
+        run = self._run
+        if run is not None and l in self.rule.layers:
+            output = self._prune(run, l, output)
+        if run is not None and l == len(self._layers) - 1:
+            self._finish(run)
+        return output
 
     def _prune(self, run: _Prefill, l: int, output):
         hidden = output[0] if isinstance(output, tuple) else output
         group = run.groups[run.group_of[l]]
         q, k = run.qk
         run.qk = None
-        image = torch.where(group.orig >= 0, run.image.gather(1, group.orig.clamp(min=0)), -1)
-        image = torch.where(group.valid, image, -1)
-        ordinal = torch.where(image >= 0, run.ordinal.gather(1, group.orig.clamp(min=0)), -1)
+        index = group.orig.clamp(min=0)
+        image = torch.where(group.valid, run.image.gather(1, index), -1)
+        ordinal = torch.where(image >= 0, run.ordinal.gather(1, index), -1)
+        prompt = run.prompt[index]
         with torch.no_grad():
             drop = self.rule.drop(Scoring(l, q, k, group.valid, group.orig, image, ordinal,
                                           run.counts, self.backend, hidden,
-                                          getattr(self._lm, "norm", None)))
+                                          getattr(self._lm, "norm", None), prompt))
 
         if not bool(drop.any()):
             return output
@@ -632,30 +665,44 @@ class InLLMHandle(Handle):
         keys = torch.cat([group.valid, tail], 1)[:, None, :]
         return self._mask(keys, W + total, W + state.past, hidden.dtype)
 
-    def _wrap_deepstack(self, process):
+    def _deepstack(self, process, hidden_states, visual_pos_masks, visual_embeds):
         """Qwen3-VL adds deepstack features to the visual tokens after its first layers, with a
         mask over the whole prompt; once tokens are pruned, the mask and the features follow the
-        kept tokens (the latest group is the hidden state's layout)."""
-        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
-            run = self._run if self._run is not None else self._last
-            if run is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
-                return process(hidden_states, visual_pos_masks, visual_embeds)
-            group = run.groups[-1]
-            full = visual_pos_masks.to(group.orig.device)
-            row = (full.flatten().cumsum(0) - 1).view_as(full)    # each visual token's row
-            index = group.orig.clamp(min=0)
-            mask = full.gather(1, index) & group.valid
-            return process(hidden_states, mask,
-                           visual_embeds[row.gather(1, index)[mask].to(visual_embeds.device)])
-
-        return deepstack
+        kept tokens (the latest group is the hidden state's layout).  ``process``: the model's
+        own."""
+        run = self._run if self._run is not None else self._last
+        if run is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
+            return process(hidden_states, visual_pos_masks, visual_embeds)
+        group = run.groups[-1]
+        full = visual_pos_masks.to(group.orig.device)
+        row = (full.flatten().cumsum(0) - 1).view_as(full)    # each visual token's row
+        index = group.orig.clamp(min=0)
+        mask = full.gather(1, index) & group.valid
+        return process(hidden_states, mask,
+                       visual_embeds[row.gather(1, index)[mask].to(visual_embeds.device)])
 
     def _finish(self, run: _Prefill) -> None:
-        self.positions = run.groups[-1].orig        # after the last pruning layer
+        last = run.groups[-1]                       # after the last pruning layer
+        self.positions = torch.where(last.valid, last.orig, -1)
         self._last = run        # Qwen3-VL adds deepstack features after the layer's hooks
         if run.cache is not None and len(run.groups) > 1:
-            self._decoding[run.cache] = _Decode(run.image.shape[1], run.groups, run.group_of)
+            run.cache.__dict__[_DECODE] = _Decode(run.image.shape[1], run.groups, run.group_of)
         self._run = None
+
+
+def _has_visuals(model, a) -> bool:
+    return bool(_image_counts(model, a) or _video_counts(model, a, False))
+
+
+def _sliding_window(config) -> Optional[int]:
+    """The window of the text backbone's sliding-window attention layers, if it has any."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _image_counts(model, a) -> List[int]:
@@ -672,14 +719,21 @@ def _image_counts(model, a) -> List[int]:
                               a.get("vision_feature_select_strategy"))
 
 
-def _video_counts(model, a) -> List[int]:
-    """Each video's token count (Qwen2.5-VL: one placeholder run per video); ``[]`` without."""
+def _video_counts(model, a, per_frame: bool) -> List[int]:
+    """Each video's token count, or with ``per_frame`` each of its frames' (temporal patch
+    groups, from ``video_grid_thw``); ``[]`` without videos."""
     encoded = (a.get("mm_encoder_outputs") or {}).get("video")
+    grid = a.get("video_grid_thw")
+    if encoded is None and (a.get("pixel_values_videos") is None or grid is None):
+        return []
+    if per_frame:
+        if grid is None:
+            raise ValueError("per_frame=True needs video_grid_thw with the videos")
+        merge = model.config.vision_config.spatial_merge_size
+        return [h * w // merge ** 2 for t, h, w in grid.tolist() for _ in range(t)]
     if encoded is not None:
         return [len(f) for f in encoded.pooler_output]
-    if a.get("pixel_values_videos") is None or a.get("video_grid_thw") is None:
-        return []
-    return _grid_counts(model, a["video_grid_thw"])
+    return _grid_counts(model, grid)
 
 
 def _grid_counts(model, grid_thw) -> List[int]:

@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import itertools
 import math
-import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -69,8 +67,9 @@ _SUPPLIED = {"visual", "text", "keep", "text_mask", "mask", "features", "attn", 
 _PROMPT_ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "labels",
                 "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 _SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
-_ENABLED: "weakref.WeakKeyDictionary[torch.nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
-_MISSING = object()
+# The model's attribute that holds its active handle.  An attribute (not a registry beside the
+# model): copy.deepcopy of an enabled model copies the handle with it (see ``Handle``).
+_HANDLE = "_visprune_handle"
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict:
@@ -139,11 +138,25 @@ def method_function(method: str, options: dict, supplied, extra=()):
     return fn
 
 
+def active_handle(model):
+    """The handle of the pruning enabled on ``model`` (or on the model it was deep-copied from:
+    the copy has its own), or ``None``."""
+    return model.__dict__.get(_HANDLE)
+
+
 class Handle:
-    """What every pruning handle shares: ``enabled``, and ``with`` that disables at the end.
-    ``model`` is None once ``disable()`` ran."""
+    """What every pruning handle shares: ``enabled``, ``with`` that disables at the end, and
+    copies.  ``model`` is None once ``disable()`` ran.
+
+    Everything a handle installs on its model (hooks, the ``generate`` wrapper, the handle
+    itself) is a bound method, a ``functools.partial`` of one, or an attribute, never a closure
+    or a registry beside the model: ``copy.deepcopy(model)`` then gives a model whose hooks call
+    a copy of the handle, bound to the copy's own modules, so the copy prunes as the original
+    does and each one's ``disable()`` leaves the other as it is.  ``_TRANSIENT`` attributes (one
+    call's state) start empty in a copy."""
 
     model = None
+    _TRANSIENT: tuple = ()
 
     def disable(self) -> None:
         raise NotImplementedError
@@ -157,6 +170,49 @@ class Handle:
 
     def __exit__(self, *exc) -> None:
         self.disable()
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = None if name in self._TRANSIENT else copy.deepcopy(value, memo)
+        return new
+
+    @staticmethod
+    def _check_free(model) -> None:
+        if active_handle(model) is not None:
+            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+
+    def _attach(self, model) -> None:
+        """Marks ``model`` as pruned by this handle and wraps its ``generate``."""
+        self._own_generate = model.__dict__.get("generate")
+        model.generate = _Generate(self, model.generate)
+        model.__dict__[_HANDLE] = self
+
+    def _detach(self) -> None:
+        if self._own_generate is None:
+            self.model.__dict__.pop("generate", None)
+        else:
+            self.model.__dict__["generate"] = self._own_generate
+        self.model.__dict__.pop(_HANDLE, None)
+
+    def _generate(self, generate, *args, **kwargs):
+        """``model.generate`` while enabled: ``generate`` is the model's own."""
+        raise NotImplementedError
+
+
+class _Generate:
+    """``model.generate`` while a handle is enabled: calls ``handle._generate`` with the model's
+    own ``generate``.  An object rather than a closure, so that a deep copy of the model gets
+    the copy's handle and the copy's own ``generate`` (see :class:`Handle`)."""
+
+    def __init__(self, handle: Handle, generate):
+        self.handle, self.generate = handle, generate
+        self.__wrapped__ = generate           # inspect.signature and help() see generate's
+        self.__doc__ = generate.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.handle._generate(self.generate, *args, **kwargs)
 
 
 class PromptPruning(Handle):
@@ -173,20 +229,15 @@ class PromptPruning(Handle):
         self._forward_signature = inspect.signature(model.forward)
         names = list(self._forward_signature.parameters)
         self._first_visual = min(names.index(n) for n in self.VISUAL_ARGS)
-        self._own_generate = model.__dict__.get("generate", _MISSING)
-        model.generate = self._wrap_generate(model.generate)
-        _ENABLED[model] = self
+        self._generate_signature = inspect.signature(model.generate)
+        self._attach(model)
 
     def disable(self) -> None:
         """Remove the hook and the ``generate`` wrapper: the model is as before ``enable``."""
         if self.model is None:
             return
         self._hook.remove()
-        if self._own_generate is _MISSING:
-            del self.model.__dict__["generate"]
-        else:
-            self.model.__dict__["generate"] = self._own_generate
-        _ENABLED.pop(self.model, None)
+        self._detach()
         self.model = None
 
     def prune_inputs(self, **prompt) -> dict:
@@ -211,28 +262,23 @@ class PromptPruning(Handle):
         arguments.update(self.prune_inputs(**prompt))
         return (), arguments
 
-    def _wrap_generate(self, generate):
-        signature = inspect.signature(generate)
-
-        @functools.wraps(generate)
-        def pruned_generate(*args, **kwargs):
-            arguments = _bind(signature, args, kwargs)
-            if not self._has_visuals(arguments):
-                return generate(*args, **kwargs)
-            prompt = {name: arguments.pop(name, None) for name in self.PROMPT_ARGS}
-            inputs = arguments.pop("inputs", None)
-            if prompt["input_ids"] is None:
-                prompt["input_ids"] = inputs
-            width = prompt["input_ids"].shape[1]
-            limits = _length_limits(self.model, arguments, width)
-            with torch.no_grad():
-                pruned = self.prune_inputs(**prompt, left_align=True)
-            arguments.update({k: v for k, v in pruned.items() if v is not None})
-            _shift_limits(arguments, limits, width - pruned["input_ids"].shape[1])
-            out = generate(**arguments)
-            return _restore_prompt(out, prompt["input_ids"], pruned["input_ids"].shape[1])
-
-        return pruned_generate
+    def _generate(self, generate, *args, **kwargs):
+        """Prunes the prompt once, generates from it, and puts the caller's prompt back."""
+        arguments = _bind(self._generate_signature, args, kwargs)
+        if not self._has_visuals(arguments):
+            return generate(*args, **kwargs)
+        prompt = {name: arguments.pop(name, None) for name in self.PROMPT_ARGS}
+        inputs = arguments.pop("inputs", None)
+        if prompt["input_ids"] is None:
+            prompt["input_ids"] = inputs
+        width = prompt["input_ids"].shape[1]
+        limits = _length_limits(self.model, arguments, width)
+        with torch.no_grad():
+            pruned = self.prune_inputs(**prompt, left_align=True)
+        arguments.update({k: v for k, v in pruned.items() if v is not None})
+        _shift_limits(arguments, limits, width - pruned["input_ids"].shape[1])
+        out = generate(**arguments)
+        return _restore_prompt(out, prompt["input_ids"], pruned["input_ids"].shape[1])
 
 
 class PruningHandle(PromptPruning):
@@ -249,8 +295,7 @@ class PruningHandle(PromptPruning):
         if not isinstance(model, _SUPPORTED):
             names = ", ".join(c.__name__ for c in _SUPPORTED)
             raise TypeError(f"visprune.enable supports {names}, got {type(model).__name__}")
-        if model in _ENABLED:
-            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+        self._check_free(model)
         checks.choice("method", method, METHODS)
         fn = method_function(method, method_kwargs, _SUPPLIED)
         if method == "prumerge":
@@ -543,6 +588,18 @@ class PruningHandle(PromptPruning):
         return list(packed[picked].split([self.keep] * len(sizes)))
 
 
+def generation_option(model, arguments: dict, name: str):
+    """A ``generate()`` option as generate resolves it: from the call's ``arguments`` (bound,
+    ``**kwargs`` flattened), else its ``generation_config``, else the model's; ``None`` if
+    unset."""
+    given = arguments.get("generation_config")
+    for source in (arguments, vars(given) if given is not None else {},
+                   vars(model.generation_config)):
+        if source.get(name) is not None:
+            return source[name]
+    return None
+
+
 def _length_limits(model, arguments: dict, width: int) -> Dict[str, int]:
     """The unpruned run's limits that count the whole sequence, prompt included, as generate()
     resolves them: ``max_length`` unless ``max_new_tokens`` is set, ``min_length`` unless
@@ -550,14 +607,8 @@ def _length_limits(model, arguments: dict, width: int) -> Dict[str, int]:
     model's.  Without any, generate() makes a default number of new tokens (20), but no more
     than the config's ``max_position_embeddings`` allows for the whole sequence: that bound
     counts the prompt too.  ``width``: the caller's prompt width."""
-    given = arguments.get("generation_config")
-
     def resolved(name):
-        for source in (arguments, vars(given) if given is not None else {},
-                       vars(model.generation_config)):
-            if source.get(name) is not None:
-                return source[name]
-        return None
+        return generation_option(model, arguments, name)
 
     limits = {}
     if resolved("max_new_tokens") is None:

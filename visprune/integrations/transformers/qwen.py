@@ -47,7 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ... import checks, ops
 from ...backends import checked_name
 from ...common import stage1_count
-from .llava import _ENABLED, PromptPruning, _shrink_order, method_function
+from .llava import PromptPruning, _shrink_order, method_function
 
 __all__ = ["QwenPruningHandle", "QWEN_METHODS", "QWEN_REFUSED", "unit_budget"]
 
@@ -102,8 +102,7 @@ class QwenPruningHandle(PromptPruning):
         if not isinstance(model, SUPPORTED):
             names = ", ".join(c.__name__ for c in SUPPORTED)
             raise TypeError(f"supports {names}, got {type(model).__name__}")
-        if model in _ENABLED:
-            raise RuntimeError("pruning is already enabled on this model: disable() it first")
+        self._check_free(model)
         if method in QWEN_REFUSED:
             raise ValueError(f"{method} is not available on {type(model).__name__}: "
                              f"{QWEN_REFUSED[method]}; use one of {QWEN_METHODS}")
