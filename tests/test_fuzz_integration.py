@@ -1,7 +1,7 @@
-"""Property-based tests of ``visprune.enable``'s ``generate()`` on tiny random LLaVA-1.5 and
-LLaVA-NeXT models (fp32, CPU): with pruning, generate() returns what the unpruned run returns but
-for the new tokens' values, and ``disable()`` gives back the unpruned model.
+"""Property-based tests of ``visprune.enable``'s ``generate()`` on tiny random models (fp32, CPU).
 
+Pre-LLM methods on LLaVA-1.5 and LLaVA-NeXT: with pruning, generate() returns what the unpruned
+run returns but for the new tokens' values, and ``disable()`` gives back the unpruned model.
 The examples draw the method and its budget, the batch (1-3 ragged prompts, 0-2 images a row,
 left or right padding), the length options (``max_length`` / ``max_new_tokens`` /
 ``min_length`` / ``min_new_tokens``, given to the call, in a ``generation_config`` or in the
@@ -10,7 +10,13 @@ cache, a tensor or a ``return_dict_in_generate`` output, ``input_ids`` by keywor
 an int, bool or absent attention mask, and whether EOS ends a run as early as the length
 options allow or never.
 
-Default profile: 150 fixed examples (derandomized), about 15 s on two cores.
+The in-LLM engine (FastV, FitPrune, DART) on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and a
+sliding-window (Mistral) backbone: the examples draw images and videos (Qwen3-VL's one run per
+frame), units that end their row, tiny images with fractional budgets, ``per_frame``, counts as
+Python ints, NumPy integers or 0-d tensors, generation with or without a cache, on a deep copy
+of the enabled model, and chunked prefill or prompt-lookup decoding (refused).
+
+Default profile: 150 + 60 fixed examples (derandomized), about 1.5 min on two cores.
 ``VISPRUNE_FUZZ=large``: ten times as many, drawn afresh on every run.
 """
 import copy
@@ -18,6 +24,7 @@ import functools
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +158,177 @@ def test_generate_with_pruning_behaves_as_unpruned(case):
     assert after[1:] == before[1:]
     assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
     assert torch.equal(again, unpruned)
+
+
+# --------------------------------------------------------------------------- the in-LLM engine
+class _Ban(transformers.LogitsProcessor):
+    """Bans EOS (every run makes its full length) and the placeholder ids (without a cache a
+    generated placeholder would count as one more visual token, pruned or not)."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.ids] = -math.inf
+        return scores
+
+
+INLLM_FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "windowed"]
+LAYERS = {"llava": 2, "llava_next": 2, "qwen2_5_vl": 3, "qwen3_vl": 4, "windowed": 2}
+QWEN_GRIDS = [[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 4, 6]]         # 1, 2, 4, 6 merged tokens
+QWEN_VIDEOS = [[2, 2, 4], [3, 4, 4]]                             # 2x2, 3x4 tokens per frame
+
+
+@functools.lru_cache(maxsize=None)
+def _inllm_model(family):
+    from test_inllm_reliability import _windowed
+    from test_qwen import _qwen3, _qwen25
+    if family == "windowed":
+        return _windowed(28)                   # shorter than the longest prompts drawn
+    return {"qwen2_5_vl": _qwen25, "qwen3_vl": _qwen3}.get(family, lambda: _build(family))()
+
+
+@st.composite
+def _inllm_cases(draw):
+    family = draw(st.sampled_from(INLLM_FAMILIES))
+    qwen = family.startswith("qwen")
+    rows = []
+    for _ in range(draw(st.integers(1, 2))):
+        row = draw(st.lists(TEXT, min_size=1, max_size=4))
+        units = draw(st.integers(1, 2 if qwen else 1))
+        for _ in range(units):
+            if qwen:
+                unit = (("video", draw(st.sampled_from(QWEN_VIDEOS))) if draw(st.booleans())
+                        else ("image", draw(st.sampled_from(QWEN_GRIDS))))
+            else:
+                unit = "<image>"
+            # at the end of the row (no text after it) as often as anywhere else
+            at = len(row) if draw(st.booleans()) else draw(st.integers(0, len(row)))
+            row.insert(at, unit)
+        rows.append(row)
+    method = draw(st.sampled_from(["fastv", "fitprune", "dart"]))
+    count = draw(st.sampled_from([int, np.int64, torch.tensor]))
+    kwargs = {"layer": count(draw(st.integers(1, LAYERS[family] - 1)))}
+    if method == "fitprune":
+        kwargs = {"recipe": {l: count(draw(st.integers(0, 3))) for l in range(LAYERS[family])}}
+    else:
+        kwargs["keep"] = (count(draw(st.integers(1, 6))) if draw(st.booleans())
+                          else draw(st.sampled_from([0.05, 0.1, np.float64(0.3), 0.5, 1.0])))
+    if method == "dart":
+        kwargs.update(pivot_image=draw(st.integers(0, 2)), pivot_text=draw(st.integers(1, 3)))
+    if qwen and draw(st.booleans()):
+        kwargs["per_frame"] = True
+    return {"family": family, "rows": rows, "method": method, "kwargs": kwargs,
+            "use_cache": draw(st.booleans()), "copy": draw(st.booleans()),
+            "option": draw(st.sampled_from([None, None, None, ("prefill_chunk_size", 4),
+                                            ("prompt_lookup_num_tokens", 2)])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+def _inllm_inputs(model, case):
+    """The case's batch and each unit's token count (per frame with ``per_frame``)."""
+    if not case["family"].startswith("qwen"):
+        inputs = _batch(model, case["rows"], seed=case["seed"])
+        counts = ([16] * len(inputs["pixel_values"]) if "image_sizes" not in inputs else
+                  [len(f) for f in model.model.get_image_features(
+                      inputs["pixel_values"], inputs["image_sizes"]).pooler_output])
+        return inputs, counts
+    from test_qwen import _prompt
+    rows = [[x if not isinstance(x, int) or x < 150 else 3 for x in r] for r in case["rows"]]
+    inputs = _prompt(model, rows, seed=case["seed"])
+    per_frame = case["kwargs"].get("per_frame", False)
+    counts = [t * h * w // 4 for r in rows for kind, (t, h, w) in
+              (x for x in r if isinstance(x, tuple)) if kind == "image"]
+    for r in rows:
+        for kind, (t, h, w) in (x for x in r if isinstance(x, tuple)):
+            if kind == "video":
+                counts += [h * w // 4] * t if per_frame else [t * h * w // 4]
+    return inputs, counts
+
+
+def _kept_per_unit(case, n):
+    """Tokens a unit of ``n`` keeps as the README states, or None when the budget does not fit
+    (DART: the exact count depends on the text pivots found; at least one)."""
+    kw = case["kwargs"]
+    if case["method"] == "fitprune":
+        total = sum(int(v) for v in kw["recipe"].values())
+        return n - total if total < n else None
+    keep = kw["keep"]
+    keep = int(keep) if not isinstance(keep, float) else float(keep)
+    if case["method"] == "fastv":
+        kept = keep if isinstance(keep, int) else max(1, round(n * keep))
+    else:
+        pivots = kw["pivot_image"] + kw["pivot_text"]
+        budget = keep if isinstance(keep, int) else n * keep
+        kept = max(1, kw["pivot_image"] + pivots * int(budget / pivots))
+    return kept if kept <= n else None
+
+
+@settings(FUZZ, max_examples=600 if LARGE else 60)
+@given(case=_inllm_cases())
+def test_inllm_generate_is_refused_cleanly_or_behaves(case):
+    """Either the setting or the request is refused before the vision tower runs (a budget that
+    does not fit a unit, chunked prefill, assisted decoding, a sequence beyond a sliding window),
+    and the model still answers; or generate() keeps the caller's prompt, generates with or
+    without a cache (and on a deep copy of the enabled model) the same tokens, every unit keeps
+    its documented count (DART: at least one), and disable() gives back the unpruned model."""
+    model = _inllm_model(case["family"])
+    qwen = case["family"].startswith("qwen")
+    tower = model.model.visual if qwen else model.model.vision_tower
+    with torch.no_grad():
+        inputs, counts = _inllm_inputs(model, case)
+    placeholders = [model.config.image_token_id] + (
+        [model.config.video_token_id] if qwen else [])
+    width = inputs["input_ids"].shape[1]
+    call = dict(max_new_tokens=3, do_sample=False, pad_token_id=0,
+                logits_processor=transformers.LogitsProcessorList([_Ban(placeholders + [2])]))
+    with torch.no_grad():
+        unpruned = model.generate(**inputs, **call)
+    fits = [_kept_per_unit(case, n) for n in counts]
+    window = getattr(model.config.text_config, "sliding_window", None)
+    refusal = (None if case["option"] is None else NotImplementedError) or (
+        ValueError if None in fits or (window is not None and width + 3 > window) else None)
+
+    calls = []
+    hook = tower.register_forward_hook(lambda *a: calls.append(1))
+    handle = visprune.enable(model, case["method"], **case["kwargs"])
+    try:
+        runner = copy.deepcopy(model) if case["copy"] else model
+        options = dict(call, use_cache=case["use_cache"])
+        if case["option"] is not None:
+            options[case["option"][0]] = case["option"][1]
+        if refusal is not None:
+            with pytest.raises(refusal), torch.no_grad():
+                runner.generate(**inputs, **options)
+            assert not calls, "the vision tower ran before the refusal"
+            return
+        with torch.no_grad():
+            pruned = runner.generate(**inputs, **options)
+            positions = visprune.integrations.transformers.active_handle(runner).positions
+            if not case["use_cache"]:
+                assert torch.equal(pruned, model.generate(**inputs, **call))
+        assert pruned.shape == unpruned.shape
+        assert torch.equal(pruned[:, :width], inputs["input_ids"])
+        ids = inputs["input_ids"]
+        prompt = (positions >= 0) & (positions < width)      # without a cache: new tokens too
+        kept = prompt & torch.isin(ids.gather(1, positions.clamp(0, width - 1)),
+                                   torch.tensor(placeholders))
+        visual = torch.isin(ids, torch.tensor(placeholders))
+        if case["method"] != "dart":
+            expected = torch.zeros(len(ids), dtype=torch.long)
+            unit = 0
+            for r in range(len(ids)):
+                n_row = int(visual[r].sum())
+                while n_row > 0:
+                    expected[r] += fits[unit]
+                    n_row -= counts[unit]
+                    unit += 1
+            assert kept.sum(1).tolist() == expected.tolist()
+        else:
+            assert int(kept.sum()) >= len(counts)
+    finally:
+        hook.remove()
+        handle.disable()
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **call), unpruned)

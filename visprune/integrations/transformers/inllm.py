@@ -343,7 +343,7 @@ class InLLMHandle(Handle):
     slot of the output (-1 for padding).
     """
 
-    _TRANSIENT = ("_pending", "_run", "_last", "_prompt_width")
+    _TRANSIENT = ("_pending", "_run", "_last", "_prompt_width", "_video_grid")
 
     def __init__(self, model, method, keep, method_kwargs):
         if not isinstance(model, _SUPPORTED):
@@ -399,6 +399,7 @@ class InLLMHandle(Handle):
         self._run: Optional[_Prefill] = None
         self._last: Optional[_Prefill] = None
         self._prompt_width: Optional[int] = None
+        self._video_grid: Optional[torch.Tensor] = None
         self._signature = inspect.signature(model.model.forward)
         self._call_signature = inspect.signature(model.forward)
         self._generate_signature = inspect.signature(model.generate)
@@ -439,7 +440,8 @@ class InLLMHandle(Handle):
     # ------------------------------------------------------------------ the model call
     def _generate(self, generate, *args, **kwargs):
         """``generate`` with the engine's refusals and checks made before any work; while it
-        runs, the prompt's width is known (see :class:`Scoring`'s ``prompt``)."""
+        runs, the prompt's width (see :class:`Scoring`'s ``prompt``) and the videos' grids (the
+        model's calls then carry encoded videos without them) are known."""
         a = _bind(self._generate_signature, args, kwargs)
         for name, why in _REFUSED_GENERATE.items():
             if generation_option(self.model, a, name) is not None:
@@ -454,10 +456,11 @@ class InLLMHandle(Handle):
             if total is not None:
                 self._check_window(total)
         self._prompt_width = ids.shape[1] if ids is not None and ids.dim() == 2 else None
+        self._video_grid = a.get("video_grid_thw")
         try:
             return generate(*args, **kwargs)
         finally:
-            self._prompt_width = None
+            self._prompt_width = self._video_grid = None
 
     def _check_call(self, module, args, kwargs):
         self._sync_attention()
@@ -532,6 +535,8 @@ class InLLMHandle(Handle):
         input_ids, mask = a["input_ids"], a.get("attention_mask")
         config = self.model.config
         counts = _image_counts(self.model, a)
+        if a.get("video_grid_thw") is None and self._video_grid is not None:
+            a = dict(a, video_grid_thw=self._video_grid)
         videos = _video_counts(self.model, a, self.per_frame)
         image = torch.full_like(input_ids, -1)
         for name, unit, token, these in (("image", "image(s)", "image_token_id", counts),
