@@ -268,10 +268,22 @@ def _state_with_results(tmp_path):
     attention = {"rows": [{"L": 640, "backend": "triton", "dtype": "float16", "op_ms": 0.05,
                            "sdpa_ms": 0.04, "eager_ms": 0.5}]}
 
-    def cmd(label, result):
-        return {"label": label, "budget_s": 10, "wall_s": 1.0, "status": "ok", "result": result}
+    def cmd(label, result, **extra):
+        return dict({"label": label, "budget_s": 10, "wall_s": 1.0, "status": "ok",
+                     "result": result}, **extra)
 
+    log = tmp_path / "pytest.log"
+    log.write_text("[gw0] [ 50%] PASSED tests/test_backends.py::test_gpu_a[x]\n"
+                   "[gw1] [100%] FAILED tests/test_backends.py::test_gpu_b[y]\n"
+                   "FAILED tests/test_backends.py::test_gpu_b[y] - AssertionError: indices\n"
+                   "==== 1 failed, 1 passed in 9.0s ====\n")
+    mismatch = {"name": "divprune", "variant": "", "shape": "tiny", "dtype": "bfloat16",
+                "backend": "cuda", "status": "mismatch", "detail": "output.indices: differs"}
+    correct = {"environment": {"backends": {"triton": "ok"}}, "records": [mismatch],
+               "summary": {"ok": 5, "mismatch": 1, "complete": False, "failures": [mismatch]}}
     return {"plan": {"budget_s": 480}, "started": "now", "wall_s": 400.0, "stages": [
+        {"name": "correct", "commands": [cmd("ops+methods", correct),
+                                         cmd("gpu tests", None, log=str(log))]},
         {"name": "bench", "commands": [cmd("llava15", rows)]},
         {"name": "e2e", "commands": [cmd("attention", attention), cmd("llava", e2e),
                                      cmd("qwen2.5-vl", None)]}]}
@@ -300,4 +312,8 @@ def test_targets_are_judged_from_the_measured_rows(tmp_path):
                     "## End to end"):
         assert heading in text
     assert "| met |" in text and "NOT met" in text
+    assert "{'PASSED': 1, 'FAILED': 1, 'ERROR': 0, 'SKIPPED': 0}; 1 failed, 1 passed" in text
+    assert "FAILED tests/test_backends.py::test_gpu_b[y] - AssertionError" in text
+    assert "5 ok, 1 mismatch" in text and "(incomplete)" in text
+    assert "mismatch: divprune [] tiny bfloat16 cuda: output.indices: differs" in text
     assert "## Ops" not in summary.summarize(state, short=True)

@@ -94,9 +94,20 @@ def gpu_test_files(root: pathlib.Path) -> List[str]:
     return found or ["tests"]
 
 
+DRIVER = "scripts/gpu/correctness.py"
+
+
+def driver(label: str, prefix: List[str], args: List[str], budget: int, output: str,
+           env: Optional[Dict[str, str]] = None) -> Command:
+    """The correctness driver with ``args`` (behind ``prefix``: a sanitizer); the dry run checks
+    the same arguments with ``--plan``."""
+    return Command(label, [*prefix, "{py}", DRIVER, *args, "--json", "{work}/" + output], budget,
+                   env or {}, probe=["{py}", DRIVER, "--plan", *args], output=output)
+
+
 def plan(root: pathlib.Path, has_xdist: bool, kernel_filter: List[str]) -> List[Stage]:
     """The stages in order, with budgets summing to :data:`TOTAL_BUDGET`."""
-    py, drv = "{py}", "scripts/gpu/correctness.py"
+    py = "{py}"
     bench = [py, "-m", "visprune.bench", "--device", "cuda", "--quick", "--no-compile",
              "--target-seconds", "0.25", "--min-reps", "5", "--max-reps", "30", "--quiet"]
     e2e = [py, "benchmarks/e2e.py", "--device", "cuda", "--methods", "trimtokenator", "--keeps",
@@ -127,27 +138,20 @@ def plan(root: pathlib.Path, has_xdist: bool, kernel_filter: List[str]) -> List[
               "rest reuses), then the gpu-marked tests (deeper checks), stopping at the first "
               "failure; both spread over processes, since compiling each kernel's first call "
               "is most of their time", [
-                  Command("ops+methods", [py, drv, "--device", "cuda", "--jobs", "6", "--json",
-                                          "{work}/correct.json"], 50,
-                          probe=[py, drv, "--plan"], output="correct.json"),
+                  driver("ops+methods", [], ["--device", "cuda", "--jobs", "6"], 50,
+                         "correct.json"),
                   Command("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-x", "-v", "-rfEs",
                                         "-p", "no:cacheprovider", *gpu_test_files(root),
                                         *(["-n", "8"] if has_xdist else [])], 100)]),
         Stage("sanitize", "memory safety next: memcheck on small calls of every CUDA and Triton "
               "kernel (no caching allocator: each tensor its own allocation, exact bounds), "
               "racecheck on the cooperative greedy kernel", [
-                  Command("memcheck", [*memcheck, py, drv, "--device", "cuda", "--shapes",
-                                       "tiny", "small", "--json", "{work}/memcheck.json"], 40,
-                          env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-                          probe=[py, drv, "--plan", "--shapes", "tiny", "small"],
-                          output="memcheck.json"),
-                  Command("racecheck", [*racecheck, py, drv, "--device", "cuda", "--only",
-                                        "greedy_select", "greedy_select_varlen", "--backends",
-                                        "cuda", "--shapes", "tiny", "small", "--dtypes",
-                                        "float32", "--json", "{work}/racecheck.json"], 20,
-                          probe=[py, drv, "--plan", "--only", "greedy_select",
-                                 "greedy_select_varlen", "--backends", "cuda"],
-                          output="racecheck.json")]),
+                  driver("memcheck", memcheck, ["--device", "cuda", "--shapes", "tiny", "small"],
+                         40, "memcheck.json", env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
+                  driver("racecheck", racecheck,
+                         ["--device", "cuda", "--only", "greedy_select", "greedy_select_varlen",
+                          "--backends", "cuda", "--shapes", "tiny", "small", "--dtypes",
+                          "float32"], 20, "racecheck.json")]),
         Stage("bench", "speed once the results are known right: latency and launches per call "
               "against the reference; LLaVA-1.5 at B=1 and 64, video at B=1 (the reference's "
               "N x N needs 220 GB at B=64) and video B=64 for the memory-bound ops", [

@@ -34,6 +34,12 @@ def _us(ms: Optional[float]) -> str:
     return f"{ms * 1e3:.1f} µs" if ms < 1 else f"{ms:.3g} ms" if ms < 1e3 else f"{ms / 1e3:.2f} s"
 
 
+def _x(ratio: Optional[float]) -> str:
+    if not ratio:
+        return "-"
+    return f"{ratio:.0f}×" if ratio >= 10 else f"{ratio:.2g}×"
+
+
 def bench_rows(state: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     for c in _commands(state, "bench"):
@@ -66,7 +72,7 @@ def targets(state: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     def speedup(r):
         s = r.get("speedup_vs_reference")
-        return (f"{s:.0f}× ({_us(r['time_ms'])})" if s else "no reference time", s)
+        return (f"{_x(s)} ({_us(r['time_ms'])})" if s else "no reference time", s)
 
     add("prune, LLaVA-1.5, B=1: ≤ 50 µs on an H100-class GPU", pick("prune", "llava15", 1, 4096),
         lambda r: (_us(r["time_ms"]), r["time_ms"]), lambda ms: ms <= 0.050)
@@ -147,8 +153,11 @@ def _correctness(state: Dict[str, Any]) -> List[str]:
                          f"{f.get('shape', '')} {f.get('dtype', '')} {f.get('backend', '')}: "
                          f"{detail[0] if detail else ''}")
     log = _log(state, "correct", "gpu tests")
-    counts = {w: len(re.findall(rf"\b{w}\b", log)) for w in ("PASSED", "FAILED", "ERROR",
-                                                           "SKIPPED")}
+    # one line per test with -v: "tests/x.py::t PASSED [ 1%]", or with xdist
+    # "[gw0] [  1%] PASSED tests/x.py::t" (the short summary's "FAILED tests/..." lines are not)
+    outcomes = re.findall(r"^(?:\[gw\d+\] \[\s*\d+%\] (\w+) tests/|tests/\S+ (\w+))", log, re.M)
+    counts = {w: sum(w in pair for pair in outcomes) for w in ("PASSED", "FAILED", "ERROR",
+                                                                "SKIPPED")}
     last = [ln.strip("= ") for ln in log.splitlines() if re.match(r"=+ .* in [\d.]+s", ln)]
     lines.append(f"- gpu-marked tests: {counts}" + (f"; {last[-1]}" if last else
                                                    " (no final line: cut or crashed)"))
@@ -190,9 +199,9 @@ def _ops(state: Dict[str, Any]) -> List[str]:
             if r.get("time_ms") is None:
                 cells.append(r.get("status", "-"))
                 continue
-            s = r.get("speedup_vs_reference")
-            cells.append(f"{_us(r['time_ms'])} ({r.get('launches', '-')}, "
-                         f"{f'{s:.0f}×' if s else '-'}, {r.get('check', '-')})")
+            launches = "-" if r.get("launches") is None else r["launches"]
+            cells.append(f"{_us(r['time_ms'])} ({launches}, {_x(r.get('speedup_vs_reference'))}, "
+                         f"{r.get('check', '-')})")
         ref_cell = _us(ref.get("time_ms")) if ref.get("time_ms") else ref.get("status", "-")
         lines.append(f"| {op} | {shape} | {ref_cell} | " + " | ".join(cells) + " |")
     return lines
