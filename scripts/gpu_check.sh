@@ -14,4 +14,5 @@
 #   bash scripts/gpu_check.sh --dry-run       # print and check the plan; no GPU needed
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1           # progress lines reach a terminal that is cut off
 exec "${PYTHON:-python3}" scripts/gpu/check.py "$@"
