@@ -1,11 +1,14 @@
-"""``received_attention`` against the eager attention map, side by side in one process.
+"""``received_attention`` against the eager attention map and the layer's own SDPA call, side by
+side in one process.
 
 The op (the C++ "cpu" backend on CPU, Triton on CUDA) never forms the ``[B, H, L, L]`` map.  The
 eager way does what FastV / FitPrune's originals do with ``output_attentions=True``: materialise
 ``softmax(QKᵀ·scale)`` with the causal mask, take the max over heads, and sum the span's columns
 over the query rows after the span.  It is written as lean as eager can be: one ``[B, H, L, L]``
 map in the input dtype, masked and softmaxed in place (transformers' eager attention holds at
-least two: the scores and their fp32 softmax), so its memory here is a lower bound.
+least two: the scores and their fp32 softmax), so its memory here is a lower bound.  ``sdpa`` is
+the attention call of the layer the statistics are taken from (``scaled_dot_product_attention``,
+causal, a random ``v`` like ``k``): the op should cost no more than it.
 
 Shapes: LLaVA-1.5's prompt (B=1, H=Hkv=32, dh=128, L=640, the image at 35..611, the text rows
 after it) and the same span in long prompts of L = 8192 and 32768.  Times are medians of a few
@@ -26,6 +29,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from visprune import ops
 from visprune.bench import environment, fmt_time, memory_limit, resolve_device, synchronize
@@ -52,6 +56,11 @@ def eager_bytes(L, itemsize):
     """The eager way's buffers: the map, the causal mask, the row max and sum, the sliced max."""
     rows = max(L - START - SPAN, 0)
     return B * H * L * L * itemsize + L * L + B * H * L * (itemsize + 4) + B * rows * SPAN * itemsize
+
+
+def sdpa_bytes(L, itemsize):
+    """SDPA's buffers beside its inputs: ``v``, the output and the per-row log-sum-exp."""
+    return 2 * B * H * L * DH * itemsize + B * H * L * 4
 
 
 def op_bytes(L, itemsize, backend, threads):
@@ -87,12 +96,14 @@ def bench_length(L, device, dtype, backend, args, limit):
     g = torch.Generator().manual_seed(L)
     q = torch.randn(B, H, L, DH, generator=g).to(device=device, dtype=dtype)
     k = torch.randn(B, HKV, L, DH, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, HKV, L, DH, generator=g).to(device=device, dtype=dtype)
     itemsize = dtype.itemsize
     fns = {"op": lambda: ops.received_attention(q, k, START, SPAN, queries="after", heads="max",
                                                 backend=backend),
-           "eager": lambda: eager(q, k, START, SPAN)}
+           "eager": lambda: eager(q, k, START, SPAN),
+           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     need = {"op": op_bytes(L, itemsize, backend, torch.get_num_threads()),
-            "eager": eager_bytes(L, itemsize)}
+            "eager": eager_bytes(L, itemsize), "sdpa": sdpa_bytes(L, itemsize)}
     row = {"L": L, "B": B, "H": H, "Hkv": HKV, "dh": DH, "start": START, "length": SPAN,
            "queries": "after", "heads": "max", "dtype": str(dtype).replace("torch.", ""),
            "backend": backend}
@@ -122,7 +133,7 @@ def bench_length(L, device, dtype, backend, args, limit):
     if "op" in outs and "eager" in outs:
         row["max_abs_diff"] = float((outs["op"] - outs["eager"]).abs().max())
         row["max_abs_value"] = float(outs["eager"].abs().max())
-    del q, k, outs
+    del q, k, v, outs
     return row
 
 
@@ -151,9 +162,9 @@ def table(rows, env, device):
              f"triton {env['triton_version']}, {env['date']}",
              f"B={B}, H=Hkv={H}, dh={DH}, span [{START}, {START + SPAN}), queries 'after', heads "
              f"'max'; time: median of the runs shown; memory: {mem_kind}.", "",
-             "| L | op backend | op time | eager time | eager/op time | op memory | eager memory "
-             "| eager/op memory | max abs diff (max value) |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| L | op backend | op time | eager time | eager/op time | SDPA time | op/SDPA time "
+             "| op memory | eager memory | eager/op memory | max abs diff (max value) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         def t(name):
             if f"{name}_ms" not in r:
@@ -161,13 +172,16 @@ def table(rows, env, device):
             return f"{fmt_time(r[f'{name}_ms'])} ({r[f'{name}_runs']} run{'s' * (r[f'{name}_runs'] > 1)})"
         ratio_t = (f"{r['eager_ms'] / r['op_ms']:.1f}×" if "eager_ms" in r and "op_ms" in r
                    else "-")
+        ratio_s = (f"{r['op_ms'] / r['sdpa_ms']:.2f}×" if "sdpa_ms" in r and "op_ms" in r
+                   else "-")
         key = "bytes_measured" if device.type == "cuda" and "op_bytes_measured" in r \
             and "eager_bytes_measured" in r else "bytes_computed"
         ratio_m = f"{r[f'eager_{key}'] / max(r[f'op_{key}'], 1):.0f}×"
         diff = (f"{r['max_abs_diff']:.1e} ({r['max_abs_value']:.3g})" if "max_abs_diff" in r
                 else "-")
         lines.append(f"| {r['L']} | {r['backend']} | {t('op')} | {t('eager')} | {ratio_t} | "
-                     f"{_mem(r, 'op', device)} | {_mem(r, 'eager', device)} | {ratio_m} | {diff} |")
+                     f"{t('sdpa')} | {ratio_s} | {_mem(r, 'op', device)} | "
+                     f"{_mem(r, 'eager', device)} | {ratio_m} | {diff} |")
     return "\n".join(lines)
 
 

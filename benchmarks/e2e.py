@@ -5,13 +5,15 @@
     python benchmarks/e2e.py --device cpu --json e2e.json
     python benchmarks/e2e.py --batch 8 --new-tokens 64 --methods trimtokenator holov
     python benchmarks/e2e.py --methods fastv fitprune       # the in-LLM methods
+    python benchmarks/e2e.py --methods trimtokenator --keeps 64 --dtype bfloat16 --gen-reps 0
 
 On a GPU the model has LLaVA-1.5-7B's real architecture and sizes (CLIP ViT-L/14-336, 576 visual
 tokens per image, Vicuna-7B: 32 layers of width 4096) with random fp16 weights: the timings are
 those of the real model, the generated text is meaningless.  On a CPU the same script runs a tiny
 model with the same 576 visual tokens per image (2-layer vision tower, 4-layer width-256 LLM), whose
 prefill is so cheap that pruning is a large share of it: those figures test the script, they do
-not predict the GPU's.
+not predict the GPU's.  ``--dtype`` sets the weights' and inputs' dtype (default fp16 on a GPU,
+fp32 on a CPU); the random weights are made on the device itself (no CPU copy, no loading).
 
 Per row: ``prefill`` is one forward over the prompt with the image (vision tower, projector,
 pruning, language model; ``logits_to_keep=1``), median of ``--reps``; ``generate`` is
@@ -26,16 +28,20 @@ per-layer deletions are summed onto the tiny model's layers, layer ``l`` of 32 o
 ``l * layers // 32``); their ``kept`` is what the last layer sees and ``prune`` times the scoring
 (the ``received_attention`` calls and the selection) without the compaction.
 
+``--gen-reps 0`` skips ``generate``.  ``--json`` is rewritten after every row.
+
 ``--model qwen2_5_vl``: Qwen2.5-VL-7B's architecture (32-block windowed ViT with a 2×2 merger,
 28-layer width-3584 LLM with GQA and 3-D M-RoPE) on a GPU, a tiny one on a CPU; ``--visual
 image`` is one 504×504 image (36×36 patches, 324 merged tokens), ``--visual video`` a 16-frame
 336×476 clip (8×24×34 patches, 1,632 merged tokens).  ``--keeps`` are then fractions of each
-image's / clip's tokens (kept tokens keep their original M-RoPE positions).
+image's / clip's tokens, or counts where above 1 (kept tokens keep their original M-RoPE
+positions).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,7 +73,7 @@ def fitprune_recipe(layers: int) -> dict:
     return recipe
 
 
-def build_model(device: torch.device, tiny: bool):
+def build_model(device: torch.device, tiny: bool, dtype=None):
     """LLaVA-1.5-7B's architecture with random weights, or the tiny CPU model."""
     if tiny:
         vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128,
@@ -76,7 +82,6 @@ def build_model(device: torch.device, tiny: bool):
         text = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=4,
                                         vocab_size=32064, max_position_embeddings=4096)
-        dtype = torch.float32
     else:
         vision = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
                                                num_hidden_layers=24, num_attention_heads=16,
@@ -86,7 +91,7 @@ def build_model(device: torch.device, tiny: bool):
                                         num_hidden_layers=32, num_attention_heads=32,
                                         num_key_value_heads=32, vocab_size=32064,
                                         max_position_embeddings=4096, rms_norm_eps=1e-5)
-        dtype = torch.float16
+    dtype = dtype or (torch.float32 if tiny else torch.float16)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text,
                                       image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                                       vision_feature_select_strategy="default",
@@ -101,20 +106,19 @@ def build_model(device: torch.device, tiny: bool):
     return model.eval(), dtype
 
 
-def build_qwen(device: torch.device, tiny: bool):
+def build_qwen(device: torch.device, tiny: bool, dtype=None):
     """Qwen2.5-VL-7B's architecture with random weights, or a tiny CPU model."""
     if tiny:
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
                       out_hidden_size=256, fullatt_block_indexes=[1])
         text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2)
-        dtype = torch.float32
     else:
         vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                       out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
         text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                     num_attention_heads=28, num_key_value_heads=4)
-        dtype = torch.float16
+    dtype = dtype or (torch.float32 if tiny else torch.float16)
     vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   tokens_per_second=2)
     text.update(vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -181,12 +185,26 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# Where each handle does its pruning: the in-LLM rule's drop, Qwen's selection, LLaVA's pruning of
+# the encoded images (all images of the call).
+PRUNE_STEPS = (("rule", "drop"), (None, "_select"), (None, "_prune_images"))
+
+
+def prune_step(handle):
+    """``(object, method name)`` of the handle's pruning step."""
+    for owner_name, attr in PRUNE_STEPS:
+        owner = getattr(handle, owner_name, None) if owner_name else handle
+        if owner is not None and hasattr(owner, attr):
+            return owner, attr
+    raise RuntimeError(f"{type(handle).__name__} has none of the pruning steps of PRUNE_STEPS "
+                       f"in {__file__}")
+
+
 def prune_time(handle, prefill, device, reps: int) -> float:
     """Median seconds per prefill spent in the pruning method itself."""
-    spent = []
-    owner, attr = ((handle.rule, "drop") if hasattr(handle, "rule") else
-                   (handle, "_select" if hasattr(handle, "_select") else "_call"))
+    owner, attr = prune_step(handle)
     call = getattr(owner, attr)
+    spent, calls = [], []
 
     def timed_call(*args, **kwargs):
         _sync(device)
@@ -194,6 +212,7 @@ def prune_time(handle, prefill, device, reps: int) -> float:
         out = call(*args, **kwargs)
         _sync(device)
         spent[-1] += time.perf_counter() - t0
+        calls.append(attr)
         return out
 
     setattr(owner, attr, timed_call)
@@ -203,6 +222,9 @@ def prune_time(handle, prefill, device, reps: int) -> float:
             prefill()
     finally:
         delattr(owner, attr)
+    if not calls:   # a renamed step would read as free pruning: refuse instead
+        raise RuntimeError(f"the prefill never called {type(owner).__name__}.{attr}: "
+                           f"update PRUNE_STEPS in {__file__}")
     return statistics.median(spent)
 
 
@@ -225,7 +247,9 @@ def main(argv=None):
                         "fastv dart")
     p.add_argument("--fastv-layer", type=int, default=2, help="FastV's and DART's layer")
     p.add_argument("--reps", type=int, default=10, help="prefill repetitions")
-    p.add_argument("--gen-reps", type=int, default=3, help="generate repetitions")
+    p.add_argument("--gen-reps", type=int, default=3, help="generate repetitions (0: no generate)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="weights and inputs (default: float16 on a GPU, float32 on a CPU)")
     p.add_argument("--json", help="write one JSON object per row to this file")
     args = p.parse_args(argv)
 
@@ -233,11 +257,12 @@ def main(argv=None):
     tiny = args.tiny or device.type == "cpu"
     torch.manual_seed(0)
     qwen = args.model == "qwen2_5_vl"
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if qwen:
-        args.keeps = args.keeps or [0.25, 0.11]
+        args.keeps = [int(k) if k > 1 else k for k in args.keeps or [0.25, 0.11]]
         args.methods = args.methods or ["trimtokenator", "divprune", "holov", "vispruner",
                                         "cdpruner", "fastv", "dart"]
-        model, dtype = build_qwen(device, tiny)
+        model, dtype = build_qwen(device, tiny, dtype)
         inputs = build_qwen_inputs(model, args.batch, dtype, device, args.visual)
         token = QWEN_IMAGE if args.visual == "image" else QWEN_VIDEO
         t, h, w = QWEN_GRIDS[args.visual]
@@ -247,7 +272,7 @@ def main(argv=None):
         args.keeps = [int(k) for k in (args.keeps or [64, 128, 192])]
         args.methods = args.methods or ["trimtokenator", "divprune", "holov", "prumerge",
                                         "prumerge+", "fastv", "fitprune", "dart"]
-        model, dtype = build_model(device, tiny)
+        model, dtype = build_model(device, tiny, dtype)
         inputs = build_inputs(model, args.batch, dtype, device)
         token = IMAGE_TOKEN
         shape = ("tiny LLaVA-1.5 (576 visual tokens)" if tiny
@@ -287,7 +312,7 @@ def main(argv=None):
         handle = None if method == "none" else visprune.enable(model, method, keep, **kwargs)
         try:
             t_prefill = timed(prefill, device, args.reps)
-            t_gen = timed(generate, device, args.gen_reps)
+            t_gen = timed(generate, device, args.gen_reps) if args.gen_reps else None
             if handle is None:
                 kept, t_prune = inputs["input_ids"].eq(token).sum().item() / args.batch, 0.0
             elif method in INLLM:
@@ -310,17 +335,21 @@ def main(argv=None):
                 handle.disable()
         base = t_prefill if base is None else base
         row = {"method": label, "keep": keep, "kept": kept, "prefill_ms": 1e3 * t_prefill,
-               "speedup": base / t_prefill, "generate_ms": 1e3 * t_gen,
-               "tokens_per_s": args.batch * args.new_tokens / t_gen, "prune_ms": 1e3 * t_prune,
+               "speedup": base / t_prefill, "generate_ms": t_gen and 1e3 * t_gen,
+               "tokens_per_s": t_gen and args.batch * args.new_tokens / t_gen,
+               "prune_ms": 1e3 * t_prune,
                "prune_share": t_prune / t_prefill, "batch": args.batch, "device": name,
                "dtype": str(dtype), "model": shape}
         rows.append(row)
+        gen = (f"{row['generate_ms']:>13.1f}{row['tokens_per_s']:>9.1f}" if t_gen
+               else f"{'-':>13}{'-':>9}")
         print(f"{label:<14}{'-' if keep is None else keep:>6}{kept:>7.1f}{row['prefill_ms']:>12.2f}"
-              f"{row['speedup']:>9.2f}x{row['generate_ms']:>13.1f}{row['tokens_per_s']:>9.1f}"
+              f"{row['speedup']:>9.2f}x{gen}"
               f"{row['prune_ms']:>10.3f}{100 * row['prune_share']:>8.2f}%", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.json:           # after every row: a run stopped from outside keeps its rows
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(rows, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

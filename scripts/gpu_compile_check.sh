@@ -45,18 +45,21 @@ if ! ready "$cuda" "${CUDA_WHEELS[*]}" "$cuda_home/bin/nvcc" --version; then
   echo "${CUDA_WHEELS[*]}" > "$cuda/.stamp"
 fi
 
-# The installed Triton, and Triton $GPU_TRITON unless that is the installed one.  The venv sees
-# the installed torch and visprune (--system-site-packages); --no-deps: no other torch.
+# The installed Triton, and Triton $GPU_TRITON unless that is the installed one.  The overlay
+# venv sees what $PY sees (its torch and visprune, from a venv, a conda env or the system Python)
+# with its own Triton first (scripts/gpu_compile/overlay.py); --no-deps: no other torch.  It is
+# made for one calling interpreter: the stamp names it.
 pythons=("$PY")
 if [[ $("$PY" -c 'import triton; print(triton.__version__)') != "$GPU_TRITON" ]]; then
   venv=$CACHE/triton-$GPU_TRITON
-  if ! ready "$venv" "triton==$GPU_TRITON" "$venv/bin/python" -c \
+  stamp="triton==$GPU_TRITON for $("$PY" -c 'import sys; print(sys.prefix)')"
+  if ! ready "$venv" "$stamp" "$venv/bin/python" -c \
       "import triton, visprune; assert triton.__version__ == '$GPU_TRITON'"; then
     echo "installing triton==$GPU_TRITON into $venv"
     rm -rf "$venv"
-    "$PY" -m venv --system-site-packages "$venv"
-    "$venv/bin/python" "${PIP[@]}" "triton==$GPU_TRITON"
-    echo "triton==$GPU_TRITON" > "$venv/.stamp"
+    site=$("$PY" scripts/gpu_compile/overlay.py "$venv")
+    "$PY" "${PIP[@]}" --target "$site" "triton==$GPU_TRITON"
+    echo "$stamp" > "$venv/.stamp"
   fi
   pythons+=("$venv/bin/python")
 fi

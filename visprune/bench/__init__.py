@@ -12,8 +12,9 @@ from .cases import (BATCHES, COMPILED, FAMILIES, FULL_FAMILIES, OPS, QUICK_FAMIL
 from .cli import main, parse_args
 from .report import dtype_name, environment, fmt_time, format_table, plot, write_json
 from .runner import backend_call, backend_plan, run_case, same_result
-from .timing import (DEFAULT_COMPILE_MAX_K, GiB, Timing, default_dtype, device_limits, measure, medians,
-                     memory_limit, needs_memory, resolve_device, skip_reason, synchronize)
+from .timing import (DEFAULT_COMPILE_MAX_K, GiB, Timing, count_launches, default_dtype,
+                     device_limits, measure, medians, memory_limit, needs_memory, resolve_device,
+                     skip_reason, synchronize)
 
 __all__ = [
     "BATCHES", "COMPILED", "FAMILIES", "FULL_FAMILIES", "OPS", "QUICK_FAMILIES", "QUICK_SMALL_D", "Case",
@@ -21,7 +22,7 @@ __all__ = [
     "main", "parse_args",
     "dtype_name", "environment", "fmt_time", "format_table", "plot", "write_json",
     "backend_call", "backend_plan", "run_case", "same_result",
-    "DEFAULT_COMPILE_MAX_K", "GiB", "Timing", "default_dtype", "device_limits", "measure", "medians",
-    "memory_limit",
+    "DEFAULT_COMPILE_MAX_K", "GiB", "Timing", "count_launches", "default_dtype", "device_limits",
+    "measure", "medians", "memory_limit",
     "needs_memory", "resolve_device", "skip_reason", "synchronize",
 ]

@@ -63,7 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; recorded in the JSON rows)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", help="write one JSON row per op x shape x backend")
+    p.add_argument("--json", metavar="FILE",
+                   help="write one JSON row per op x shape x backend (rewritten after every case)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG chart of the speed-ups (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -110,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows += run_case(case, device, dtype, backends, compile_ref=compile_ref,
                              compile_max_k=args.compile_max_k, mem_limit=mem_limit, limits=limits,
                              timing=timing, seed=args.seed)
+            if args.json:       # after every case: a run stopped from outside keeps its rows
+                write_json([dict(r, **env) for r in rows], args.json)
     except KeyboardInterrupt:
         interrupted = True
     elapsed = time.perf_counter() - t_start

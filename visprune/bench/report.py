@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from importlib import metadata
 from typing import Any, Dict, List, Optional
@@ -80,7 +81,7 @@ def _ratio(x: Optional[float]) -> str:
 def format_table(rows: List[Dict[str, Any]], env: Dict[str, Any], notes: List[str]) -> str:
     gpu = any("copy_GBps" in r for r in rows)
     head = ["op", "shape", "backend", "median", "IQR", "vs ref", "vs compile"]
-    head += ["GB/s", "% copy BW", "% roofline"] if gpu else []
+    head += ["GB/s", "% copy BW", "% roofline", "launches"] if gpu else []
     head += ["check"]
     table = []
     for r in rows:
@@ -91,7 +92,8 @@ def format_table(rows: List[Dict[str, Any]], env: Dict[str, Any], notes: List[st
             ran = "achieved_GBps" in r
             line += [f"{r['achieved_GBps']:.0f}" if ran else "-",
                      f"{100 * r['fraction_of_copy_bw']:.1f}" if ran else "-",
-                     f"{100 * r['fraction_of_roofline']:.1f}" if ran else "-"]
+                     f"{100 * r['fraction_of_roofline']:.1f}" if ran else "-",
+                     "-" if r.get("launches") is None else str(r["launches"])]
         line.append(r.get("check", "") if r["status"] == "ok" else r["status"])
         table.append(line)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
@@ -145,14 +147,19 @@ def footnotes(unavailable: Dict[str, str], *, device: torch.device, compile_ref:
     if roofline:
         notes.append("GB/s: the op's minimum traffic / median time; roofline: minimum traffic at the copy "
                      "bandwidth + the DESIGN algorithm's flops at the matmul rate, over the median")
+        notes.append("launches: GPU operations (kernels, copies, memsets) of one call, from "
+                     "torch.profiler's CUDA activity")
     notes.append(f"{cases_done} cases in {clock(elapsed)}" + (" (interrupted)" if interrupted else ""))
     return notes
 
 
 def write_json(rows: List[Dict[str, Any]], path: str) -> None:
-    """One object per op x shape x backend; strict JSON (a value not measured is null, never NaN)."""
-    with open(path, "w") as f:
+    """One object per op x shape x backend; strict JSON (a value not measured is null, never NaN).
+    Written whole or not at all (a temporary file renamed), so a killed run leaves the last rows."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(rows, f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- chart

@@ -10,7 +10,7 @@ import torch
 
 from ..backends import available_backends
 from .cases import COMPILED, Case, make_inputs
-from .timing import free_cache, measure, skip_reason, synchronize
+from .timing import count_launches, free_cache, measure, skip_reason, synchronize
 
 
 def backend_plan(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
@@ -111,6 +111,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: Seq
             rows[n]["status"] = failed + _first_line(e)
             free_cache(device)
     times = measure(fns, device, **timing) if fns else {}
+    if device.type == "cuda":
+        for n, fn in fns.items():
+            rows[n]["launches"] = count_launches(fn, device)
     ref = outputs.get("reference")
     for n, t in times.items():
         rows[n].update(time_ms=t.median * 1e3, min_ms=min(t.samples) * 1e3,

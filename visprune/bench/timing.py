@@ -147,6 +147,22 @@ def measure(fns: Dict[str, Callable[[], Any]], device: torch.device, *, min_reps
     return {n: Timing(samples[n], inner[n]) for n in names}
 
 
+def count_launches(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """GPU operations (kernels, copies, memsets) that one call of ``fn`` puts on the device, as
+    ``torch.profiler``'s CUDA activity records them; None on a CPU.  Each costs a launch, which
+    at batch size 1 can outweigh the arithmetic."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
 def medians(fns: List[Callable[[], Any]], device: torch.device, reps: int) -> List[float]:
     """Median seconds per call of each of ``fns`` (warmed up once here), :func:`measure`d side
     by side for exactly ``reps`` repetitions: the scripts that time a method against its
