@@ -27,6 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import visprune  # noqa: E402
 from visprune.integrations.transformers.llava import image_layout  # noqa: E402
+from visprune.integrations.vllm.qwen import decode_positions, encode_positions  # noqa: E402
 from visprune.methods import divprune  # noqa: E402
 
 NEW_TOKENS = 6
@@ -563,6 +564,16 @@ def test_qwen_refused_requests_leave_the_engine_serving(qwen_runs, method, keep,
         else:
             assert error is not None and expected[name] in error, (name, error)
         assert serves, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_qwen_position_channels_are_exact_up_to_the_largest_side(dtype):
+    """The (t, h, w) channels carried after a kept token's embedding decode exactly in every
+    embedding dtype, up to the largest grid side they promise (256**3 - 1)."""
+    largest = 256 ** 3 - 1
+    thw = torch.tensor([[0, 0, 0], [0, 1, 259], [1, 256, 257], [7, 65535, 65536],
+                        [largest, largest - 1, 2 ** 20 + 3]])
+    assert torch.equal(decode_positions(encode_positions(thw, dtype)), thw.T)
 
 
 def test_qwen_bf16_keeps_exact_positions_on_a_grid_wider_than_256(qwen_checkpoint):
