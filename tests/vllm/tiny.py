@@ -1,5 +1,6 @@
-"""Tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints built from configs and saved locally (weights,
-a word-level tokenizer, the HF processor): vLLM loads them without any download.
+"""Tiny random LLaVA-1.5 (CLIP or SigLIP tower) / LLaVA-NeXT checkpoints built from configs and
+saved locally (weights, a word-level tokenizer, the HF processor): vLLM loads them without any
+download.
 
 Sizes vLLM's CPU build accepts: LLM head size 64 (its paged attention needs one of 32, 64, 80,
 ...), vision head size 32."""
@@ -25,14 +26,22 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['co
                  "{% else %}<image> {% endif %}{% endfor %}{% endif %} {% endfor %}w1 w2")
 
 
-def configs(family: str, **vision_overrides):
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, image_size=IMAGE_SIZE, patch_size=PATCH,
-        num_hidden_layers=3, num_attention_heads=2, projection_dim=64, **vision_overrides)
+def configs(family: str):
+    """``family``: "llava", "llava_siglip" (a SigLIP tower: no CLS token, every patch is a
+    visual token) or "llava_next"."""
+    sizes = dict(hidden_size=64, intermediate_size=128, image_size=IMAGE_SIZE, patch_size=PATCH,
+                 num_hidden_layers=3, num_attention_heads=2)
     text = transformers.LlamaConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=len(WORDS), max_position_embeddings=1024,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    if family == "llava_siglip":
+        return transformers.LlavaConfig(vision_config=transformers.SiglipVisionConfig(**sizes),
+                                        text_config=text, image_token_id=IMAGE,
+                                        image_token_index=IMAGE,
+                                        vision_feature_select_strategy="full",
+                                        vision_feature_layer=-1)
+    vision = transformers.CLIPVisionConfig(projection_dim=64, **sizes)
     if family == "llava":
         return transformers.LlavaConfig(vision_config=vision, text_config=text,
                                         image_token_id=IMAGE, image_token_index=IMAGE)
@@ -44,8 +53,8 @@ def configs(family: str, **vision_overrides):
 def build(family: str, seed: int = 0):
     """The transformers model (fp32, eval), the same for one ``(family, seed)``."""
     torch.manual_seed(seed)
-    cls = (transformers.LlavaForConditionalGeneration if family == "llava"
-           else transformers.LlavaNextForConditionalGeneration)
+    cls = (transformers.LlavaNextForConditionalGeneration if family == "llava_next"
+           else transformers.LlavaForConditionalGeneration)
     model = cls(configs(family)).eval()
     with torch.no_grad():       # a sharper LM head: greedy choices are not near-ties
         model.lm_head.weight.mul_(8.0)
@@ -71,6 +80,13 @@ def processor(family: str):
         return transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=PATCH,
                                            vision_feature_select_strategy="default",
                                            num_additional_image_tokens=1,
+                                           chat_template=CHAT_TEMPLATE)
+    if family == "llava_siglip":
+        image = transformers.SiglipImageProcessor(size={"height": IMAGE_SIZE,
+                                                        "width": IMAGE_SIZE})
+        return transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=PATCH,
+                                           vision_feature_select_strategy="full",
+                                           num_additional_image_tokens=0,
                                            chat_template=CHAT_TEMPLATE)
     image = transformers.LlavaNextImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

@@ -9,6 +9,7 @@ and keep the same tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -21,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ... import checks, methods
 from ...backends import checked_name
+from ...common import stage1_count
 from ..transformers.llava import _NEEDS_CLS, _NEEDS_TEXT, _PRE_PROJECTOR, _SUPPLIED
 from ..transformers.llava import METHODS as _TRANSFORMERS_METHODS
 from ..transformers.llava import _VARLEN, PruningHandle
@@ -29,8 +31,8 @@ from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _
     unit_budget
 
 __all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "Settings", "settings",
-           "Pruner", "QwenPruner", "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "TEXT_FIELD",
-           "text_hashes", "prompt_text"]
+           "Pruner", "QwenPruner", "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "EMBEDDING_METHODS",
+           "TEXT_FIELD", "text_hashes", "prompt_text"]
 
 # Fixed-budget pre-LLM methods: vLLM fixes each image's placeholder count before its encoder
 # runs, so the method must return exactly ``keep`` tokens whatever the image shows.
@@ -52,6 +54,9 @@ REFUSED = {
 QWEN_REFUSED_ALL = {**REFUSED, **QWEN_REFUSED}
 NEEDS_TEXT = _NEEDS_TEXT
 NEEDS_CLS = _NEEDS_CLS
+# The methods that read no vision-tower attention: they prune precomputed image embeddings and
+# work with any tower (the same on LLaVA and Qwen2.5-VL).
+EMBEDDING_METHODS = tuple(m for m in METHODS if m not in NEEDS_CLS)
 PRE_PROJECTOR = _PRE_PROJECTOR
 # The multimodal-kwargs field that carries the prompt's text token ids to the encoder step.
 TEXT_FIELD = "visprune_text"
@@ -99,6 +104,10 @@ def settings(hf_config, family: str = "llava") -> Optional[Settings]:
     model = "Qwen2.5-VL" if qwen else "LLaVA"
     raw = dict(raw)
     method, keep = raw.pop("method", None), raw.pop("keep", None)
+    if not isinstance(method, str):
+        raise ValueError(f"visprune: method must be a string naming one of "
+                         f"{', '.join(supported)} on {model}, got {method!r} "
+                         f"({type(method).__name__})")
     if method in refused:
         raise ValueError(f"visprune: method {method!r} is not supported in vLLM on {model}: "
                          f"{refused[method]}. Supported: {', '.join(supported)}")
@@ -127,6 +136,11 @@ def settings(hf_config, family: str = "llava") -> Optional[Settings]:
     if qwen and method == "holov" and raw.get("redistribute", True) is not True:
         raise ValueError("visprune: holov on Qwen2.5-VL needs redistribute=True: the original's "
                          "zero-padded tokens have no M-RoPE position")
+    if method == "cdpruner" and raw.get("relevance_scope", "image") != "image":
+        raise ValueError(f"visprune: cdpruner in vLLM needs relevance_scope='image', got "
+                         f"{raw['relevance_scope']!r}: vLLM encodes the images of several "
+                         f"requests in one call, and a relevance normalised over that batch "
+                         f"would make each request's kept tokens depend on the others")
     return Settings(method, keep, raw)
 
 
@@ -151,30 +165,38 @@ def text_hashes(hashes: Mapping[str, List[str]], text_ids: Sequence[int]) -> Dic
             for modality, items in hashes.items()}
 
 
+@contextlib.contextmanager
+def _named(config: Settings):
+    """The method's own argument checks, failing at start-up with a message that names the
+    setting."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"visprune: {config.method} with {dict(config.options)} and "
+                         f"keep={config.keep}: {e}") from None
+
+
 def _setup(pruner, config: Settings, device: torch.device) -> None:
-    """What both pruners hold, checked at start-up by their dry run: the method, its options and
-    keep, and ``record``, a list to append each pruned image's kept indices to (tests,
-    debugging) or None."""
+    """What both pruners hold: the method, its options and keep, and ``record``, a list to
+    append each pruned image's kept indices to (tests, debugging) or None."""
     pruner.record = None
     pruner.method, pruner.keep = config.method, config.keep
     pruner.method_kwargs = dict(config.options)
     pruner._fn = getattr(methods, pruner.method)
-    if pruner.method == "trimtokenator":
-        pruner._stage1 = checks.fraction_or_count("stage1_keep", pruner.method_kwargs.get(
-            "stage1_keep", inspect.signature(pruner._fn).parameters["stage1_keep"].default))
-    checked_name(pruner.method_kwargs.get("backend"), device)
-    try:
-        pruner._dry_run()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"visprune: {pruner.method} with {dict(config.options)} and "
-                         f"keep={pruner.keep}: {e}") from None
+    with _named(config):
+        if pruner.method == "trimtokenator":
+            pruner._stage1 = checks.fraction_or_count("stage1_keep", pruner.method_kwargs.get(
+                "stage1_keep", inspect.signature(pruner._fn).parameters["stage1_keep"].default))
+        checked_name(pruner.method_kwargs.get("backend"), device)
 
 
 class Pruner:
     """One model's method, called on the encoder step's images.
 
-    ``crop_tokens``: the token count of a full image crop (the budget of the dry run at
-    start-up)."""
+    ``fewest`` / ``most``: the fewest and the most tokens the method chooses among in one image
+    of this model (equal on LLaVA-1.5).  ``keep`` and TrimTokenator's stage 1 are checked
+    against them at start-up, before the dry run: a setting that fails on some image of the
+    model fails there, not in the encoder step of a request."""
 
     # The transformers integration's method call and start-up dry run, shared as they are: the
     # two integrations must feed every method the same inputs.
@@ -182,11 +204,36 @@ class Pruner:
     _prune_varlen = PruningHandle._prune_varlen
     _dry_run = PruningHandle._dry_run
 
-    def __init__(self, config: Settings, crop_tokens: int, device: torch.device):
-        self._crop_tokens = crop_tokens
+    def __init__(self, config: Settings, fewest: int, most: int, device: torch.device):
+        one_size = fewest == most
+        if config.keep > most:
+            raise ValueError(f"visprune: keep={config.keep} is larger than the {most} visual "
+                             f"tokens of {'every' if one_size else 'the largest'} image of this "
+                             f"model: nothing would be pruned")
+        # the dry run's budget: images have at least this many tokens
+        self._crop_tokens = fewest
         # The varlen path (DivPrune / TrimTokenator on images of different sizes) returns tokens
         # only and records nothing.
         _setup(self, config, device)
+        if self.method == "trimtokenator":
+            self._check_stage1(fewest, one_size)
+        with _named(config):
+            self._dry_run()
+
+    def _check_stage1(self, fewest: int, one_size: bool) -> None:
+        """Stage 1 keeps between ``keep`` and ``N`` tokens of every image it prunes (``N >=
+        keep``; a smaller image keeps all its tokens).  Its count never falls as ``N`` grows,
+        so the smallest pruned image decides."""
+        n = max(self.keep, fewest)
+        stage1 = stage1_count(n, self._stage1)
+        if self.keep <= stage1 <= n:
+            return
+        why = (f"every image of this model has {n}" if one_size else
+               f"this model's smallest images have {n}" if n == fewest else
+               f"an image with at least keep={n} tokens is pruned")
+        raise ValueError(f"visprune: trimtokenator's stage1_keep={self._stage1!r} keeps {stage1} "
+                         f"of an image's {n} visual tokens ({why}), but stage 1 must keep "
+                         f"between keep={self.keep} and all {n}")
 
     def prune(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
               text_mask: Optional[torch.Tensor] = None, attn: Optional[List[torch.Tensor]] = None,
@@ -258,6 +305,8 @@ class QwenPruner:
 
     def __init__(self, config: Settings, device: torch.device):
         _setup(self, config, device)
+        with _named(config):
+            self._dry_run()
 
     def select(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
                text_mask: Optional[torch.Tensor] = None,

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from transformers import CLIPVisionConfig
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -34,21 +35,59 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import InputProcessingContext
 
 from ... import methods
 from ..transformers.llava import _cls_attention
-from ._core import NEEDS_TEXT, PRE_PROJECTOR, TEXT_FIELD, Pruner, prompt_text, settings
+from ._core import EMBEDDING_METHODS, NEEDS_TEXT, PRE_PROJECTOR, TEXT_FIELD, Pruner, \
+    prompt_text, settings
 from .processing import PrunedDummyInputsMixin, PrunedInfoMixin, PrunedProcessorMixin
 
 
 # ------------------------------------------------------------------------------ processors
 class PrunedLlavaProcessingInfo(PrunedInfoMixin, LlavaProcessingInfo):
-    pass
+    def visprune_counts(self) -> Tuple[int, int]:
+        """``(fewest, most)`` tokens the method chooses among in one image: LLaVA-1.5 gives
+        every image one count."""
+        size = self.get_image_size_with_most_features()
+        n = self.visprune_candidates(image_width=size.width, image_height=size.height)
+        return n, n
 
 
 class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
-    pass
+    def visprune_candidates(self, *, image_width: int, image_height: int) -> int:
+        """The packed sequence's tokens, but for VisionZip / VisPruner, which select CLIP
+        features before the projector, without its newline tokens (one per row of the
+        unpadded grid): they have no CLIP feature and the encoder step does not return them."""
+        n = super().visprune_candidates(image_width=image_width, image_height=image_height)
+        config = self.visprune_settings()
+        if config is None or config.method not in PRE_PROJECTOR:
+            return n
+        encoder = self.get_vision_encoder_info()
+        rows, cols = get_anyres_image_grid_shape(
+            image_size=(image_height, image_width),
+            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
+            patch_size=encoder.get_image_size())
+        _, newlines = self._get_num_unpadded_features(
+            original_height=image_height, original_width=image_width,
+            npatches=encoder.get_patch_grid_length(), num_patch_height=rows,
+            num_patch_width=cols)
+        return n - newlines
+
+    def visprune_counts(self) -> Tuple[int, int]:
+        """``(fewest, most)`` tokens the method chooses among in one image: the base crop's
+        alone (a thin strip, whose unpadded grid is empty), and an image of the largest grid
+        pinpoint (its grid is not cut)."""
+        encoder = self.get_vision_encoder_info()
+        side = encoder.get_image_size()
+        fewest = get_num_selected_vision_tokens(
+            encoder.get_num_image_tokens(image_width=side, image_height=side),
+            self.get_hf_config().vision_feature_select_strategy)
+        most = max(self.visprune_candidates(image_width=w, image_height=h)
+                   for h, w in self.get_hf_config().image_grid_pinpoints)
+        return fewest, most
 
 
 class PrunedLlavaDummyInputsBuilder(PrunedDummyInputsMixin, LlavaDummyInputsBuilder):
@@ -80,34 +119,44 @@ def _llava_processor(info, dummy_inputs):
 class _PrunedEncoderMixin:
     """The encoder step with pruning.  ``self.visprune``: the :class:`Pruner`, or ``None``."""
 
-    def _visprune_setup(self, vllm_config, family: str) -> None:
+    def _visprune_setup(self, vllm_config) -> None:
+        """``self.visprune`` from the HF config's ``visprune`` entry, checked against the image
+        token counts of this model's processor (its own, as the processor announces them)."""
         self.visprune = None
         config = settings(self.config)
         if config is None:
             return
+        info = type(self)._processor_factory.info(
+            InputProcessingContext(vllm_config.model_config, None))
+        if not isinstance(info, PrunedInfoMixin):
+            raise ValueError(f"visprune: the vLLM plugin does not prune "
+                             f"{type(self.config.vision_config).__name__} towers "
+                             f"(Pixtral-HF's variable-resolution images)")
+        if config.needs_cls:
+            self._visprune_check_cls(config.method)
+        self.visprune = Pruner(config, *info.visprune_counts(),
+                               torch.device(vllm_config.device_config.device))
+
+    def _visprune_check_cls(self, method: str) -> None:
+        """A method that reads CLS attention needs a CLIP tower (SigLIP has no CLS token) and
+        its CLS token out of the visual tokens; sets the attention layer it reads."""
         vision = self.config.vision_config
         if not isinstance(vision, CLIPVisionConfig):
-            raise ValueError(f"visprune: the vLLM plugin prunes LLaVA models with a CLIP vision "
-                             f"tower, this one has {type(vision).__name__}")
+            raise ValueError(f"visprune: {method} reads the vision tower's CLS attention, and "
+                             f"this model's {type(vision).__name__} tower has no CLS token "
+                             f"({', '.join(EMBEDDING_METHODS)} work with any tower)")
         strategy = self.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(f"visprune: {method} needs vision_feature_select_strategy="
+                             f"'default' (the CLS token is not a visual token), got {strategy!r}")
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int) or layer % (vision.num_hidden_layers + 1) < 1:
+            raise ValueError(f"visprune: {method} needs one vision_feature_layer after the "
+                             f"embeddings, got {layer!r}")
         self._crop_tokens = (vision.image_size // vision.patch_size) ** 2
-        if config.needs_cls:
-            layer = self.config.vision_feature_layer
-            if strategy != "default":
-                raise ValueError(f"visprune: {config.method} needs vision_feature_select_strategy"
-                                 f"='default' (the CLS token is not a visual token), got "
-                                 f"{strategy!r}")
-            if not isinstance(layer, int) or layer % (vision.num_hidden_layers + 1) < 1:
-                raise ValueError(f"visprune: {config.method} needs one vision_feature_layer after "
-                                 f"the embeddings, got {layer!r}")
-            # the vision layer that outputs the selected features (vLLM builds the tower up to it)
-            self._attn_layer = layer % (vision.num_hidden_layers + 1) - 1
-            self._heads = vision.num_attention_heads
-        crop = self._crop_tokens + (strategy == "full")
-        if family == "llava" and config.keep > crop:
-            raise ValueError(f"visprune: keep={config.keep} is larger than the {crop} visual "
-                             f"tokens of every image")
-        self.visprune = Pruner(config, crop, torch.device(vllm_config.device_config.device))
+        # the vision layer that outputs the selected features (vLLM builds the tower up to it)
+        self._attn_layer = layer % (vision.num_hidden_layers + 1) - 1
+        self._heads = vision.num_attention_heads
 
     @contextlib.contextmanager
     def _visprune_capture(self):
@@ -178,7 +227,7 @@ class PrunedLlavaForConditionalGeneration(_PrunedEncoderMixin, LlavaForCondition
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._visprune_setup(vllm_config, "llava")
+        self._visprune_setup(vllm_config)
 
     def _visprune_pixels(self, image_input, text):
         """The step's images from pixels, pruned in one batched call."""
@@ -202,7 +251,7 @@ class PrunedLlavaNextForConditionalGeneration(_PrunedEncoderMixin,
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._visprune_setup(vllm_config, "llava_next")
+        self._visprune_setup(vllm_config)
 
     def _visprune_layout(self, image_sizes, crops: List[int]) -> List[torch.Tensor]:
         """Per image, ``int64[N_i]``: each packed token's flat index into the step's

@@ -7,26 +7,32 @@ from typing import Optional
 
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageEmbeddingItems
+from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from ._core import TEXT_FIELD, Settings, settings, text_hashes
+from ._core import EMBEDDING_METHODS, TEXT_FIELD, Settings, settings, text_hashes
 
 
 class PrunedInfoMixin:
-    """``get_num_image_tokens``: the pruned count (``min(keep, tokens)``, or Qwen's fraction).
-    It sizes the profiling budget (``get_max_image_tokens``).  ``visprune_family``: whose
-    methods and ``keep`` rules apply (:func:`settings`)."""
+    """``get_num_image_tokens``: the pruned count (:meth:`Settings.budget` of the image's
+    :meth:`visprune_candidates`).  It sizes the profiling budget (``get_max_image_tokens``).
+    ``visprune_family``: whose methods and ``keep`` rules apply (:func:`settings`)."""
 
     visprune_family = "llava"
 
     def visprune_settings(self) -> Optional[Settings]:
         return settings(self.get_hf_config(), self.visprune_family)
 
-    def get_num_image_tokens(self, **kwargs) -> int:
-        n = super().get_num_image_tokens(**kwargs)
+    def visprune_candidates(self, **image) -> int:
+        """The tokens the method chooses among in an image (``image``: vLLM's
+        ``get_num_image_tokens`` arguments, its size first): its unpruned token count."""
+        return super().get_num_image_tokens(**image)
+
+    def get_num_image_tokens(self, **image) -> int:
         config = self.visprune_settings()
-        return n if config is None else config.budget(n)
+        if config is None:
+            return super().get_num_image_tokens(**image)
+        return config.budget(self.visprune_candidates(**image))
 
 
 class PrunedDummyInputsMixin:
@@ -61,11 +67,6 @@ class PrunedProcessorMixin:
         config = self.info.visprune_settings()
         if config is None:
             return updates
-        if "image" in mm_items and isinstance(mm_items["image"], ImageEmbeddingItems) \
-                and config.needs_cls:
-            raise ValueError(f"visprune: {config.method} needs the vision tower's attention; "
-                             "precomputed image_embeds carry none (divprune, trimtokenator and "
-                             "cdpruner prune precomputed embeddings)")
 
         def capped(replacement):
             def get(item_idx):
@@ -89,8 +90,23 @@ class PrunedProcessorMixin:
         return text_hashes(hashes, self._visprune_text_ids(inputs.prompt))
 
     def apply(self, inputs, timing_ctx):
+        """Refuses, before any work, a request the method cannot prune (precomputed embeddings
+        for a method that reads the vision tower's attention, a prompt without text for a
+        text-conditioned one); else vLLM's own, with the prompt's text for text-conditioned
+        methods."""
         config = self.info.visprune_settings()
-        if config is None or not config.needs_text:
+        if config is None:
+            return super().apply(inputs, timing_ctx)
+        images = inputs.mm_data_items.get("image")
+        # Pixels are ImageProcessorItems; LLaVA's and Qwen's precomputed embeddings are
+        # two other classes.
+        if config.needs_cls and images is not None \
+                and not isinstance(images, ImageProcessorItems):
+            raise ValueError(
+                f"visprune: {config.method} needs the vision tower's attention, which "
+                f"precomputed image_embeds do not carry; send the image itself, or serve a "
+                f"method that prunes embeddings ({', '.join(EMBEDDING_METHODS)})")
+        if not config.needs_text:
             return super().apply(inputs, timing_ctx)
         text = self._visprune_text_ids(inputs.prompt)
         if not text and inputs.mm_data_items.get_all_counts().get("image"):

@@ -18,8 +18,9 @@ vLLM's CPU model runner never takes EVS's ``recompute_mrope_positions`` path):
 * :meth:`get_mrope_input_positions` numbers the prompt's text as the unpruned prompt is
   numbered (text after an image continues after the whole image's grid, and so does decoding)
   and gives an image's placeholders the position of its first token in all three channels;
-* the encoder step appends each kept token's ``(t, h, w)`` within its image as 3 extra channels
-  to its embedding (so they travel with it through vLLM's encoder cache and chunked prefill);
+* the encoder step appends each kept token's ``(t, h, w)`` within its image to its embedding as
+  extra channels (:func:`encode_positions`: base-256 digits, exact in bf16), so they travel
+  with it through vLLM's encoder cache and chunked prefill;
 * :meth:`embed_input_ids` strips them and :meth:`forward` (which the model runner calls next
   with that step's positions) adds them to the positions of the image placeholders.
 
@@ -45,8 +46,28 @@ from ..transformers.qwen import received_in_segments
 from ._core import NEEDS_CLS, NEEDS_TEXT, TEXT_FIELD, QwenPruner, prompt_text, settings
 from .processing import PrunedDummyInputsMixin, PrunedInfoMixin, PrunedProcessorMixin
 
-# (t, h, w) of each kept token within its image, appended to its embedding
-POSITION_CHANNELS = 3
+# Each kept token's (t, h, w) within its image rides after its embedding, in the embedding's
+# dtype: vLLM's encoder cache and prefill chunks carry one tensor per image.  bf16 holds
+# integers exactly only up to 256 (a 2×300 grid's column 259 would become 260), so each
+# coordinate is written as base-256 digits, each exact in bf16, fp16 and fp32; three digits
+# cover any grid side below 256**3 merged tokens (a side of 2**24 tokens is 4.7e8 pixels).
+POSITION_BASE, POSITION_DIGITS = 256, 3
+POSITION_CHANNELS = 3 * POSITION_DIGITS
+
+
+def encode_positions(thw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[K, POSITION_CHANNELS]`` in ``dtype``: the base-256 digits of ``thw: int64[K, 3]``,
+    least significant first, coordinate by coordinate (:func:`decode_positions` inverts it)."""
+    place = POSITION_BASE ** torch.arange(POSITION_DIGITS, device=thw.device)
+    return (thw[:, :, None] // place % POSITION_BASE).flatten(1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """``int64[3, K]``: the ``(t, h, w)`` that :func:`encode_positions` wrote in
+    ``channels[K, POSITION_CHANNELS]``."""
+    place = POSITION_BASE ** torch.arange(POSITION_DIGITS, device=channels.device)
+    digits = channels.round().long().view(-1, 3, POSITION_DIGITS)
+    return (digits * place).sum(-1).T
 
 
 # ------------------------------------------------------------------------------ processor
@@ -116,12 +137,11 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         merge = self.visual.spatial_merge_size
         out = []
         for f, k, (t, h, w) in zip(features, kept, grids):
-            # each merged token's (t, h, w) in the image, in the merger's row-major order (in
-            # the embeddings' dtype: exact in bf16 up to 256 merged tokens per side)
+            # each merged token's (t, h, w) in the image, in the merger's row-major order
             thw = torch.stack(torch.meshgrid(
                 torch.arange(t), torch.arange(h // merge), torch.arange(w // merge),
                 indexing="ij")).flatten(1).to(f.device)
-            out.append(torch.cat([f[k], thw[:, k].T.to(f.dtype)], 1))
+            out.append(torch.cat([f[k], encode_positions(thw[:, k].T, f.dtype)], 1))
         return tuple(out)
 
     @contextlib.contextmanager
@@ -196,7 +216,7 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if self.visprune is not None and multimodal_embeddings is not None \
                 and len(multimodal_embeddings):
             thw = torch.cat([e[:, -POSITION_CHANNELS:] for e in multimodal_embeddings])
-            self._visprune_thw = (is_multimodal, thw.round().long().T)
+            self._visprune_thw = (is_multimodal, decode_positions(thw))
             multimodal_embeddings = [e[:, :-POSITION_CHANNELS] for e in multimodal_embeddings]
         return super().embed_input_ids(input_ids, multimodal_embeddings,
                                        is_multimodal=is_multimodal, **kwargs)
