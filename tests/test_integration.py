@@ -497,3 +497,34 @@ def test_bad_inputs_before_the_vision_tower(llava, llava_next):
         with pytest.raises(ValueError, match=r"text tokens next to every image; row\(s\) \[0\]"):
             _generate(llava, only_image)
         assert v.calls == 0
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_siglip_tower_token_counts_and_pruning(strategy):
+    """A SigLIP tower has no CLS token: "full" passes all 16 patches, "default" drops the first
+    patch (transformers' LLaVA drops the first token either way); the methods that read no
+    attention prune it, the CLS-attention ones are refused."""
+    vision, text = _configs()
+    vision = transformers.SiglipVisionConfig(
+        **{k: getattr(vision, k) for k in ("hidden_size", "intermediate_size", "image_size",
+                                           "num_hidden_layers", "num_attention_heads",
+                                           "patch_size")})
+    torch.manual_seed(2)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE,
+        vision_feature_select_strategy=strategy, vision_feature_layer=-1)).eval()
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        n = len(model.model.get_image_features(pixels).pooler_output[0])
+    assert n == (16 if strategy == "full" else 15)
+    ids = torch.tensor([[5] + [IMAGE] * n + [6, 7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    for method in ("divprune", "trimtokenator"):
+        with visprune.enable(model, method, 4), _SeenLengths(model) as seen:
+            out = _generate(model, inputs, n=2)
+        assert seen.lengths[0] == ids.shape[1] - (n - 4) and out.shape[1] == ids.shape[1] + 2
+    with visprune.enable(model, "fastv", keep=4, layer=1) as h, torch.no_grad():
+        model(**inputs)
+        assert int((ids[0, h.positions[0]] == IMAGE).sum()) == 4
+    with pytest.raises(ValueError, match="has no CLS token"):
+        visprune.enable(model, "holov", 4)

@@ -101,7 +101,9 @@ def image_layout(model, images: int, image_sizes, strategy: str) -> List[torch.T
     ``images``: how many images (``pixel_values.shape[0]``)."""
     config = model.config
     vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
+    # the tower's tokens per crop (a CLS token, if it has one, then the patches); "default"
+    # drops the first of them (the CLS token, or a SigLIP tower's first patch)
+    n = (vision.image_size // vision.patch_size) ** 2 + _has_cls(model) - (strategy == "default")
     if not isinstance(model, LlavaNextForConditionalGeneration):
         if image_sizes is not None:
             raise NotImplementedError("image_sizes (variable-resolution vision towers) is not "
@@ -115,6 +117,16 @@ def image_layout(model, images: int, image_sizes, strategy: str) -> List[torch.T
     packed, _ = model.model.pack_image_features(
         flat.split(crops), image_sizes, strategy, image_newline=flat.new_full((1,), -1.0))
     return [p[:, 0].long() for p in packed]
+
+
+def _vision_encoder(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)         # CLIP's layout before transformers 5
+
+
+def _has_cls(model) -> bool:
+    embeddings = getattr(_vision_encoder(model), "embeddings", None)
+    return getattr(embeddings, "class_embedding", None) is not None
 
 
 def image_token_counts(model, images: int, image_sizes,
@@ -315,20 +327,17 @@ class PruningHandle(PromptPruning):
         vision = model.config.vision_config
         self._crop_tokens = (vision.image_size // vision.patch_size) ** 2
         if method in _NEEDS_CLS:
-            tower = model.model.vision_tower
-            encoder = getattr(tower, "vision_model", tower)    # CLIP's layout before transformers 5
-            if getattr(getattr(encoder, "embeddings", None), "class_embedding", None) is None:
+            if not _has_cls(model):
                 raise ValueError(f"{method} needs the vision tower's CLS attention, but "
-                                 f"{type(tower).__name__} has no CLS token")
-            self._layers = encoder.encoder.layers
+                                 f"{type(model.model.vision_tower).__name__} has no CLS token")
+            self._layers = _vision_encoder(model).encoder.layers
         if method == "trimtokenator":
             self._stage1 = checks.fraction_or_count("stage1_keep", self.method_kwargs.get(
                 "stage1_keep", inspect.signature(fn).parameters["stage1_keep"].default))
         checked_name(self.method_kwargs.get("backend"), model.device)
         self._dry_run()
         if not self._next:          # LLaVA-1.5: every image has the same, known token count
-            full = model.config.vision_feature_select_strategy == "full"
-            self._check_budget([self._crop_tokens + full])
+            self._check_budget(image_token_counts(model, 1, None))
 
         self._install(model)
 
