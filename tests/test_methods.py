@@ -384,6 +384,16 @@ def test_holov_edge_shapes(backend):
             assert res.indices[b].tolist() == want, (keep, num_crops, redistribute)
 
 
+@pytest.mark.parametrize("backend", backends("gather_compact"))
+def test_holov_more_crops_than_tokens_costs_no_more(backend):
+    """Crops beyond N are empty: 10**9 of them select as 16 (golden-checked above), without
+    allocating per empty crop."""
+    g = torch.Generator().manual_seed(17)
+    x, attn = torch.randn(2, 10, 8, generator=g), torch.rand(2, 10, generator=g)
+    want = holov(x, attn, 6, num_crops=16, backend=backend).indices
+    assert torch.equal(holov(x, attn, 6, num_crops=10**9, backend=backend).indices, want)
+
+
 def test_holov_zero_attention_goes_round():
     """All-zero attention: every share is 0 and the whole budget is remainder (the original's
     top-k over crops would fail for keep > num_crops); it goes round the crops."""

@@ -156,7 +156,8 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
         features: ``[B, N, D]`` the visual tokens to prune.
         attn: ``[B, N]`` the vision encoder's CLS→patch attention (nonnegative).
         keep: tokens kept per image, ``<= N``.
-        num_crops: contiguous raster crops the budget is spread over.
+        num_crops: contiguous raster crops the budget is spread over (more than ``N`` select
+            as ``N`` crops of one token: the extra crops are empty).
         alpha: weight of the similarity-variance term.
         redistribute: ``True`` (default) gives a full crop's unused budget to the other crops;
             ``False`` reproduces the original, which zero-pads the output to ``keep`` tokens.
@@ -179,6 +180,10 @@ def holov(features: torch.Tensor, attn: torch.Tensor, keep: int, *, num_crops: i
     num_crops = checks.count("num_crops", num_crops)
     if num_crops == 0:
         raise ValueError("num_crops must be >= 1, got 0")
+    # More crops than tokens: the first N crops hold one token each and the rest none, which
+    # neither score nor take any budget; N crops give the same selection without the empty ones'
+    # memory (num_crops is unbounded otherwise: 10**9 crops would be gigabytes of crop scores).
+    num_crops = min(num_crops, max(N, 1))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     checks.flag("redistribute", redistribute)
