@@ -504,10 +504,10 @@ def test_bad_stage1_keep_is_refused_at_enable(model, keep, stage1_keep, expected
 
 
 def test_stage1_keep_is_per_unit_and_never_below_the_units_budget(model):
-    """An int keep with a fraction stage1_keep, fine for a large image, leaves a small one fewer
-    stage-1 survivors than its budget: stage 1 then keeps the budget (as a unit smaller than keep
-    keeps all its tokens).  A fraction stage1_keep follows keep's rule per image: rounded half
-    up, at least one, at most the image."""
+    """stage1_keep follows keep's rule per image (a fraction rounded half up, at least one; an
+    int at most the image).  Where an int and a fraction leave an image fewer stage-1 survivors
+    than its budget (an int keep and a small image, a fraction keep and a large one), stage 1
+    keeps the budget, as an image smaller than an int keep keeps all its tokens."""
     rows = [[3, 4, ("image", [1, 2, 12]), 5, ("image", [1, 6, 6]), 6, ("image", [1, 2, 4]), 7]]
     inputs = _prompt(model, rows)
     inner = model.model
