@@ -21,7 +21,7 @@ import triton.language as tl
 
 from visprune import common
 
-from .utils import EPS, block, cosine, on_device
+from .utils import EPS, block, on_device
 
 _NAN_COSINE = tl.constexpr(common.NAN_COSINE)   # a NaN cosine ranks below every real one
 _NOT_A_CANDIDATE = tl.constexpr(-(2 ** 63 - 1))   # below every packed (cosine, index) key
@@ -80,7 +80,7 @@ def _merge_kernel(k_ptr, x_ptr, a_ptr, i_ptr, o_ptr,
                           mask=m_n[:, None] & m_d[None, :], other=0.).to(tl.float32)
             b_dot = tl.dot(b_q, tl.trans(b_k), b_dot, input_precision="ieee")
             b_ksq += tl.sum(b_k * b_k, 1)
-        b_cos = cosine(b_dot, b_qinv[:, None], (1.0 / tl.maximum(tl.sqrt(b_ksq), EPS))[None, :])
+        b_cos = b_dot * b_qinv[:, None] * (1.0 / tl.maximum(tl.sqrt(b_ksq), EPS))[None, :]
         m_cand = m_n[None, :] & (o_n[None, :].to(tl.int64) != b_row[:, None])
         b_key = tl.where(m_cand, _pack(b_cos, o_n[None, :]), _NOT_A_CANDIDATE)
         # Insert the tile's keys, largest first, while they beat the set's minimum.  Only keys
