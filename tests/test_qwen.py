@@ -228,9 +228,11 @@ def test_logits_equal_the_language_model_on_the_kept_tokens(model, method):
 @pytest.mark.parametrize("method", ALL)
 def test_keep_all_reproduces_the_unpruned_model(model, method):
     inputs = _prompt(model, [[3, ("image", [1, 4, 6]), 5, ("image", [1, 2, 2]), 7]])
+    # TrimTokenator's stage 1 must keep every token too (its default is 0.8)
+    everything = {"stage1_keep": 1.0} if method == "trimtokenator" else {}
     with torch.no_grad():
         full = model(**inputs).logits
-        with visprune.enable(model, method, keep=1.0):
+        with visprune.enable(model, method, keep=1.0, **everything):
             same = model(**inputs).logits
         with visprune.enable(model, method, keep=1000):       # an int above every image
             same_int = model(**inputs).logits
@@ -308,6 +310,30 @@ def test_video_per_clip_and_per_frame(model):
         want = torch.cat([ops.greedy_select(feats[None, 6 * f:6 * f + 6], 2)[0].sort().values
                           + 6 * f for f in range(3)])
         assert kept_frame[0].tolist() == want.tolist()
+
+
+def test_per_frame_handle_serves_images_videos_and_both(model):
+    """``per_frame`` splits videos only: on a prompt with images and no video, forward and
+    generate prune as without it; a prompt with an image and a video keeps ``keep`` of the
+    image and of each frame; the logits equal the language model run by hand."""
+    image = _prompt(model, [[3, 4, ("image", [1, 4, 6]), 5, 6]])
+    mixed = _prompt(model, [[3, ("image", [1, 4, 4]), 4, ("video", [2, 4, 4]), 5]])
+    with torch.no_grad():
+        with visprune.enable(model, "divprune", keep=2) as h:
+            want = model(**image).logits
+            want_kept = [k.tolist() for k in h.kept]
+            want_gen = model.generate(**image, max_new_tokens=2, do_sample=False)
+        with visprune.enable(model, "divprune", keep=2, per_frame=True) as h:
+            got = model(**image).logits
+            assert [k.tolist() for k in h.kept] == want_kept
+            gen = model.generate(**image, max_new_tokens=2, do_sample=False)
+            both = model(**mixed).logits
+            kept = [k.clone() for k in h.kept]
+        manual = _manual_logits(model, mixed, kept)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert gen.tolist() == want_gen.tolist()
+    assert len(kept[0]) == 2 and (kept[1] // 4).bincount(minlength=2).tolist() == [2, 2]
+    torch.testing.assert_close(both, manual, rtol=1e-5, atol=1e-5)
 
 
 def test_images_and_video_in_one_prompt(model):
@@ -464,6 +490,50 @@ def test_errors_before_any_work(model):
             model(**only)
 
 
+@pytest.mark.parametrize("keep,stage1_keep,expected", [
+    (4, 0, "an int >= keep=4"), (4, -3, "an int >= keep=4"), (4, 3, "an int >= keep=4"),
+    (0.5, 0, "an int >= 1"), (0.5, 0.25, "a fraction >= keep=0.5"),
+    (4, 1.5, "in \\(0, 1\\]"), (4, 0.0, "in \\(0, 1\\]")])
+def test_bad_stage1_keep_is_refused_at_enable(model, keep, stage1_keep, expected):
+    """keep <= stage1_keep, as TrimTokenator itself requires, wherever the two compare for every
+    unit (both counts, or both fractions): refused at enable, before any image is encoded, with
+    the argument, the value received and what was expected."""
+    with pytest.raises(ValueError, match=f"stage1_keep.*{expected}.*got {stage1_keep}"):
+        visprune.enable(model, "trimtokenator", keep=keep, stage1_keep=stage1_keep).disable()
+    assert "generate" not in model.__dict__          # nothing was installed
+
+
+def test_stage1_keep_is_per_unit_and_never_below_the_units_budget(model):
+    """stage1_keep follows keep's rule per image (a fraction rounded half up, at least one; an
+    int at most the image).  Where an int and a fraction leave an image fewer stage-1 survivors
+    than its budget (an int keep and a small image, a fraction keep and a large one), stage 1
+    keeps the budget, as an image smaller than an int keep keeps all its tokens."""
+    rows = [[3, 4, ("image", [1, 2, 12]), 5, ("image", [1, 6, 6]), 6, ("image", [1, 2, 4]), 7]]
+    inputs = _prompt(model, rows)
+    inner = model.model
+    with torch.no_grad():
+        feats = list(inner.get_image_features(inputs["pixel_values"],
+                                              inputs["image_grid_thw"]).pooler_output)
+        ids = inputs["input_ids"]
+        text = inner.get_input_embeddings()(ids[:, (ids[0] != IMG)])
+        got = {}
+        for keep, stage1_keep in ((4, 0.5), (0.5, 3)):
+            with visprune.enable(model, "trimtokenator", keep=keep,
+                                 stage1_keep=stage1_keep) as h:
+                model(**inputs)
+                got[keep] = [k.tolist() for k in h.kept]
+    assert [len(f) for f in feats] == [6, 9, 2]
+
+    def want(budgets, stage1):
+        return [sorted(methods.trimtokenator(f[None], text, k, stage1_keep=s1)
+                       .indices[0].tolist()) for f, k, s1 in zip(feats, budgets, stage1)]
+
+    # keep=4, stage1_keep=0.5: stage 1 keeps 4 of 6 (not round(3.0) = 3), 5 of 9, 2 of 2
+    assert got[4] == want((4, 4, 2), (4, 5, 2))
+    # keep=0.5, stage1_keep=3: budgets 3, 5 (4.5 rounded up), 1; stage 1 keeps 3, 5 (not 3), 2
+    assert got[0.5] == want((3, 5, 1), (3, 5, 2))
+
+
 def test_hand_written_decoding_continues_the_unpruned_positions(model):
     """prune_inputs, then decoding steps without position_ids (the model's rope_deltas, as
     transformers computes them for an unpadded row) give the logits generate() gives with its
@@ -481,6 +551,61 @@ def test_hand_written_decoding_continues_the_unpruned_positions(model):
             logits.append(step.logits[:, -1])
     for got, want in zip(logits, ref.logits):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _decode_positions(model, run):
+    """The 3-D positions ``[3, B·beams, steps]`` the language model gets in the decoding steps
+    of ``run()`` (every call after the first, which is the prompt's)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["position_ids"][-3:].clone())
+
+    hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    return torch.cat(seen[1:], -1)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_decoding_continues_the_unpruned_positions_after_a_trailing_image(model, num_beams):
+    """generate(): the new tokens get the 3-D positions the unpruned generate() gives them, also
+    in rows that end with an image whose last tokens are pruned (generate() extends the
+    prompt's last position, which is the image's last token without pruning); padded batch,
+    rows ending with text and with an image, greedy and beam search."""
+    rows = [[3, 4, ("image", [1, 4, 6])],
+            [5, ("image", [1, 6, 4]), 6, 7, 8, 9],
+            [7, ("image", [1, 4, 4]), 8, ("image", [1, 6, 6])]]
+    inputs = _prompt(model, rows, seed=6)
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=num_beams)
+    want = _decode_positions(model, lambda: model.generate(**inputs, **kw))
+    with visprune.enable(model, "divprune", keep=2) as h:
+        got = _decode_positions(model, lambda: model.generate(**inputs, **kw))
+    # the case at stake: the last token of the images that end rows 0 and 2 is pruned
+    last = (inputs["image_grid_thw"].prod(-1) // 4 - 1).tolist()
+    assert [last[i] in h.kept[i].tolist() for i in (0, 3)] == [False, False]
+    assert got.tolist() == want.tolist()
+
+
+def test_hand_written_step_after_a_trailing_image_matches_the_unpruned_one(model):
+    """A decoding step without position_ids (the model's rope_deltas) after a prompt that ends
+    with an image gets the position the same step gets after the unpruned prompt."""
+    inputs = _prompt(model, [[3, 4, ("image", [1, 4, 6])]])
+    token = torch.tensor([[9]])
+
+    def step(prompt):
+        def run():
+            out = model(**prompt, use_cache=True)
+            model(input_ids=token, cache=out.cache)
+        return run
+
+    want = _decode_positions(model, step(inputs))
+    with visprune.enable(model, "divprune", keep=2) as h:
+        got = _decode_positions(model, step(h.prune_inputs(**inputs)))
+    assert got.tolist() == want.tolist()
 
 
 def test_e2e_benchmark_runs_on_the_tiny_qwen(tmp_path):

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .mi_scores import token_stats
-from .utils import block, interpreting, on_device
+from .utils import block, cosine, interpreting, on_device
 
 GRAM_MAX_N = 4096                  # above this the S rows are computed on the fly
 GRAM_BUDGET_BYTES = 1 << 30        # S workspace per batch chunk
@@ -44,7 +44,7 @@ GRAM_BUDGET_BYTES = 1 << 30        # S workspace per batch chunk
 @triton.jit
 def _cosine_gram_kernel(x_ptr, sx_b, sx_n, sx_d, inv_ptr, sim_ptr, N, D,
                         INTERPRETED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program ``(b, row block, column block)``: ``sim[b, i, j] = (x_i·x_j) · inv_i · inv_j``."""
+    """Program ``(b, row block, column block)``: ``sim[b, i, j] = cos(x_i, x_j)``."""
     b = tl.program_id(0).to(tl.int64)
     o_i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     o_j = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -68,7 +68,7 @@ def _cosine_gram_kernel(x_ptr, sx_b, sx_n, sx_d, inv_ptr, sim_ptr, N, D,
     n_i = tl.load(inv_ptr + b * N + o_i, mask=m_i, other=0.0)
     n_j = tl.load(inv_ptr + b * N + o_j, mask=m_j, other=0.0)
     tl.store(sim_ptr + b * N * N + o_i[:, None] * N + o_j[None, :],
-             acc * n_i[:, None] * n_j[None, :], mask=m_i[:, None] & m_j[None, :])
+             cosine(acc, n_i[:, None], n_j[None, :]), mask=m_i[:, None] & m_j[None, :])
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def _cosines(x_ptr, sx_n, sx_d, inv_ptr, s, o_n, m_n, D, DIAG: tl.constexpr,
             dot += tl.sum(b_x * b_s.to(tl.float32)[None, :], axis=1)
     n_n = tl.load(inv_ptr + o_n, mask=m_n, other=0.0)
     if DIAG:
-        return dot * n_n * n_n
-    return dot * tl.load(inv_ptr + s) * n_n
+        return cosine(dot, n_n, n_n)
+    return cosine(dot, tl.load(inv_ptr + s), n_n)
 
 
 @triton.jit

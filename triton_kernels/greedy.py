@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .mi_scores import text_summary, token_stats
-from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, interpreting,
-                    on_device, segment as _segment, warps)
+from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, cosine,
+                    interpreting, on_device, segment as _segment, warps)
 
 GRAM_MAX_N = 4096                  # the in-register running vector of one program
 GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
@@ -43,7 +43,7 @@ STREAM_SPLITS = 16                 # programs per row block in the start pass of
 def _distance(dot, n_i, n_j, METRIC: tl.constexpr):
     """``1 - cos`` from ``x_i·x_j`` and inverse norms, or ``||x_i||² + ||x_j||² - 2 x_i·x_j``."""
     if METRIC == COSINE:
-        d = 1.0 - dot * n_i * n_j
+        d = 1.0 - cosine(dot, n_i, n_j)
     else:
         d = n_i + n_j - 2.0 * dot
     return clamp_distance(d)

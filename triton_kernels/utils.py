@@ -30,6 +30,14 @@ def warps(block_elems: int) -> int:
 
 
 @triton.jit
+def cosine(dot, inv_i, inv_j):
+    """``cos(x_i, x_j)`` from ``x_i·x_j`` and the inverse norms.  The norms are multiplied first
+    so that ``cos(i, j)`` and ``cos(j, i)`` are the same float: ``(dot·inv_i)·inv_j`` rounds by
+    which token is the row, and then a mutual-nearest pair's exact tie breaks by that order."""
+    return dot * (inv_i * inv_j)
+
+
+@triton.jit
 def clamp_distance(d):
     """Distances are >= 0: rounding can make them slightly negative; NaN counts as 0."""
     return tl.where(d > 0, d, 0.0)

@@ -11,7 +11,11 @@ mask.  The returned handle's ``disable()`` (or leaving its ``with`` block) undoe
 ``keep`` is per unit: an int is at most that many tokens of each unit (a smaller unit keeps all
 its tokens), a float in ``(0, 1]`` is that fraction of each unit's tokens, rounded half up, at
 least one.  A unit is an image; a video is one unit (``per_frame=False``, the default) or each
-of its frames (temporal patch groups) is one (``per_frame=True``).
+of its frames (temporal patch groups) is one (``per_frame=True``, which leaves images as they
+are: one handle serves prompts with images, videos or both).  TrimTokenator's ``stage1_keep``
+is read per unit by the same rule and must be at least ``keep`` where the two compare for every
+unit (both ints, or both fractions; an int at least 1); where an int and a fraction leave a unit
+fewer stage-1 survivors than its budget, stage 1 keeps the budget.
 
 What each method reads (the towers have no CLS token):
 
@@ -30,8 +34,13 @@ How it plugs in is the LLaVA integration's (:mod:`.llava`): a forward pre-hook r
 with ``pixel_values`` / ``pixel_values_videos`` into one with the kept features as
 ``mm_encoder_outputs``, the prompt without the pruned tokens' placeholders, and explicit
 ``position_ids`` ``[4, B, L']`` (a contiguous text channel for the mask, then the kept tokens'
-original 3-D positions); ``generate`` is wrapped to prune the prompt once, and generate() then
-extends those positions by one per step, which continues the unpruned prompt's numbering.
+original 3-D positions); ``generate`` is wrapped to prune the prompt once, and the new tokens get
+the positions they get without pruning: generate() numbers them on from the prompt's last token,
+channel by channel, which is the unpruned row's last token also where pruning removed it (a
+prompt that ends with an image).  A decoding step without ``position_ids`` uses the model's
+``rope_deltas``, set so that it gets the position it gets after the unpruned prompt
+(transformers' own two ways differ after a trailing image: ``rope_deltas`` continue every
+channel after the prompt's largest position).
 """
 from __future__ import annotations
 
@@ -78,13 +87,23 @@ def unit_budget(keep, n: int) -> int:
     return min(n, keep)
 
 
-def _check_keep(keep):
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int (tokens kept per image or video) or a float in "
-                        f"(0, 1] (a fraction of each one's tokens), got {keep!r}")
-    if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
-        raise ValueError(f"keep must be an int >= 1 or a float in (0, 1], got {keep!r}")
-    return keep
+def _check_stage1(keep, stage1_keep):
+    """TrimTokenator's ``stage1_keep``, read per unit by ``keep``'s rule (:func:`unit_budget`).
+    ``keep <= stage1_keep`` (as :func:`visprune.ops.prune` requires) wherever the two compare
+    for every unit: an int at least an int ``keep`` (at least 1 beside a fraction), a fraction
+    at least a fractional ``keep``."""
+    stage1 = checks.fraction_or_count("stage1_keep", stage1_keep)
+    if isinstance(stage1, int):
+        low = keep if isinstance(keep, int) else 1
+        if stage1 < low:
+            bound = f"an int >= keep={keep}" if isinstance(keep, int) else "an int >= 1"
+            raise ValueError(f"stage1_keep must be {bound} (tokens of each image or video "
+                             f"stage 1 keeps) or a float in (0, 1], got {stage1_keep!r}")
+    elif isinstance(keep, float) and stage1 < keep:
+        raise ValueError(f"stage1_keep must be a fraction >= keep={keep} (stage 2 keeps keep "
+                         f"of each image's or video's tokens among stage 1's), got "
+                         f"{stage1_keep!r}")
+    return stage1
 
 
 class QwenPruningHandle(PromptPruning):
@@ -97,6 +116,7 @@ class QwenPruningHandle(PromptPruning):
 
     PROMPT_ARGS = _PROMPT_ARGS
     VISUAL_ARGS = ("pixel_values", "pixel_values_videos")
+    _TRANSIENT = ("_next_positions",)
 
     def __init__(self, model, method, keep, method_kwargs):
         if not isinstance(model, SUPPORTED):
@@ -113,16 +133,17 @@ class QwenPruningHandle(PromptPruning):
         if keep is None:
             raise ValueError(f"{method} needs keep (tokens kept per image or video: an int, or "
                              f"a float fraction of each one's tokens)")
-        self.keep = _check_keep(keep)
+        self.keep = checks.keep("keep", keep, "image or video")
         if method == "holov" and kwargs.get("redistribute", True) is not True:
             raise ValueError("holov on Qwen needs redistribute=True: the original's zero-padded "
                              "tokens have no M-RoPE position")
         if method == "trimtokenator":
-            self._stage1 = checks.fraction_or_count("stage1_keep", kwargs.get("stage1_keep", 0.8))
+            self._stage1 = _check_stage1(self.keep, kwargs.get("stage1_keep", 0.8))
         self.backend = checked_name(kwargs.get("backend"), model.device)
         self.model, self.method, self.method_kwargs, self._fn = model, method, kwargs, fn
         self._qwen3 = isinstance(model, Qwen3VLForConditionalGeneration)
         self.kept: List[torch.Tensor] = []
+        self._next_positions = None
         self._dry_run()
         self._install(model)
 
@@ -149,11 +170,21 @@ class QwenPruningHandle(PromptPruning):
                                        backend=kw.get("backend"))
             return self._fn(visual, k, relevance=relevance, **kw).indices
         if self.method == "trimtokenator":
-            s1 = max(k, min(stage1_count(visual.shape[1], self._stage1), visual.shape[1]))
-            return self._fn(visual, text, k, stage1_keep=s1, text_mask=text_mask, **kw).indices
+            return self._fn(visual, text, k, stage1_keep=self._survivors(visual.shape[1], k),
+                            text_mask=text_mask, **kw).indices
         if self.method == "divprune":
             return self._fn(visual, k, **kw).indices
         return self._fn(visual, attn, k, **kw).indices          # holov, vispruner
+
+    def _survivors(self, n: int, k: int) -> int:
+        """TrimTokenator's stage-1 survivors in a unit of ``n`` tokens that keeps ``k``:
+        ``stage1_keep`` read by keep's rule (:func:`unit_budget`), raised to ``k`` where it is
+        below.  Only the mixed forms get there (an int keep beside a fraction stage1_keep in a
+        unit too small for the fraction to reach keep, a fraction keep beside an int
+        stage1_keep in a unit large enough for the fraction to pass it): as a unit smaller
+        than an int keep keeps all its tokens, such a unit's stage 1 keeps its budget, and
+        stage 2 keeps all of them."""
+        return max(k, unit_budget(self._stage1, n))
 
     def _select(self, feats, cu, budgets, text, text_mask, unit_row, score) -> torch.Tensor:
         """``bool[T]``: the kept tokens of the packed units ``feats[T, D]`` (``cu``: their
@@ -170,8 +201,7 @@ class QwenPruningHandle(PromptPruning):
                                            metric="cosine", backend=backend)
             return keep.index_fill_(0, idx, True)
         if self.method == "trimtokenator":
-            stage1 = [max(k, min(stage1_count(n, self._stage1), n))
-                      for n, k in zip(sizes, budgets)]
+            stage1 = [self._survivors(n, k) for n, k in zip(sizes, budgets)]
             options = {o: v for o, v in self.method_kwargs.items() if o != "stage1_keep"}
             res = ops.prune_varlen(feats, cu, text[unit_row], budgets, stage1_keep=stage1,
                                    text_mask=text_mask[unit_row], **options)
@@ -214,7 +244,8 @@ class QwenPruningHandle(PromptPruning):
         forward or generate in place of the pixel values and grids.  The batch is re-padded to
         its longest shrunk row: at the left with ``left_align`` (what generation needs) or when
         the batch is left-padded, else at the right.  Sets the model's ``rope_deltas`` so that
-        a decoding step without ``position_ids`` continues the unpruned numbering.
+        a decoding step without ``position_ids`` gets the position it gets after the unpruned
+        prompt.
         """
         model, config = self.model, self.model.config
         inner = model.model
@@ -324,14 +355,65 @@ class QwenPruningHandle(PromptPruning):
         # decode positions continue after the row's largest position, as without pruning
         top = pos.masked_fill(padding[None], -1).amax((0, 2))
         inner.rope_deltas = (top + 1 - real.sum(1))[:, None]
+        # what generate() gives the first new token without pruning: the row's last token's
+        # position + 1 in each channel (see _continuing_positions)
+        last = torch.arange(pos.shape[2], device=pos.device).masked_fill(padding, 0).amax(1)
+        after = pos.gather(2, last.view(1, -1, 1).expand(3, -1, 1))[..., 0] + 1
+        self._next_positions = (order.shape[1], after)
         return {"input_ids": take(input_ids, 0 if pad_id is None else pad_id),
                 "attention_mask": new_mask, "position_ids": new_pos,
                 "mm_token_type_ids": take(mm_token_type_ids, 0), "labels": take(labels, -100),
                 "mm_encoder_outputs": outputs}
 
+    def _generate(self, generate, *args, **kwargs):
+        self._next_positions = None
+        with self._continuing_positions():
+            return super()._generate(generate, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _continuing_positions(self):
+        """While generate() runs, the positions it appends after a prompt it pruned continue
+        the unpruned prompt's.  generate() gives each new token the last column of
+        ``position_ids`` plus one (``_update_model_kwargs_for_generation``, the one place it
+        extends them): without pruning that column is the row's last token, after pruning the
+        last *kept* one, and the two differ when the row ends with an image (no text after it)
+        whose last tokens were pruned.  The appended columns' 3-D channels are set from
+        ``_next_positions`` (the shrunk prompt's width, ``int64[3, B]`` the unpruned rows' next
+        positions); the text channel stays generate()'s, contiguous on the shrunk sequence.
+        Beam search and ``num_return_sequences`` repeat each prompt row; so does the
+        continuation."""
+        model = self.model
+        name = "_update_model_kwargs_for_generation"
+        own = model.__dict__.get(name)
+        update = getattr(model, name)
+
+        def continued(outputs, model_kwargs, *args, **kwargs):
+            model_kwargs = update(outputs, model_kwargs, *args, **kwargs)
+            pos = model_kwargs.get("position_ids")
+            if self._next_positions is not None and pos is not None:
+                width, start = self._next_positions
+                steps = pos.shape[-1] - width
+                if steps > 0:
+                    start = start.to(pos.device).repeat_interleave(
+                        pos.shape[1] // start.shape[1], 1)
+                    pos = pos.clone()
+                    pos[-3:, :, width:] = start[..., None] + torch.arange(steps, device=pos.device)
+                    model_kwargs["position_ids"] = pos
+            return model_kwargs
+
+        setattr(model, name, continued)
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.__dict__[name]
+            else:
+                model.__dict__[name] = own
+            self._next_positions = None
+
     def _units(self, counts: List[int], grid, merge: int, video: bool) -> List[int]:
         """Token count of every unit: one per image / video, or per frame of a video."""
-        if not (video and self.per_frame):
+        if not (video and self.per_frame and counts):     # no video: no grid to split
             return list(counts)
         units = []
         for t, h, w in grid.tolist():
