@@ -11,12 +11,13 @@ an int, bool or absent attention mask, and whether EOS ends a run as early as th
 options allow or never.
 
 The in-LLM engine (FastV, FitPrune, DART) on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and a
-sliding-window (Mistral) backbone: the examples draw images and videos (Qwen3-VL's one run per
-frame), units that end their row, tiny images with fractional budgets, ``per_frame``, counts as
-Python ints, NumPy integers or 0-d tensors, generation with or without a cache, on a deep copy
-of the enabled model, and chunked prefill or prompt-lookup decoding (refused).
+sliding-window (Mistral) backbone, and the pre-LLM methods on Qwen: the examples draw images and
+videos (Qwen3-VL's one run per frame), units that end their row, tiny images with fractional
+budgets, ``per_frame`` (on prompts with or without videos), counts as Python ints, NumPy
+integers or 0-d tensors, generation with or without a cache, on a deep copy of the enabled
+model, and chunked prefill or prompt-lookup decoding (refused in-LLM).
 
-Default profile: 150 + 60 fixed examples (derandomized), about 1.5 min on two cores.
+Default profile: 150 + 100 fixed examples (derandomized), under a minute on two cores.
 ``VISPRUNE_FUZZ=large``: ten times as many, drawn afresh on every run.
 """
 import copy
@@ -31,7 +32,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("hypothesis")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import visprune  # noqa: E402
@@ -160,7 +161,7 @@ def test_generate_with_pruning_behaves_as_unpruned(case):
     assert torch.equal(again, unpruned)
 
 
-# --------------------------------------------------------------------------- the in-LLM engine
+# --------------------------------------------------------------------------- the in-LLM engine, Qwen
 class _Ban(transformers.LogitsProcessor):
     """Bans EOS (every run makes its full length) and the placeholder ids (without a cache a
     generated placeholder would count as one more visual token, pruned or not)."""
@@ -174,14 +175,15 @@ class _Ban(transformers.LogitsProcessor):
         return scores
 
 
-INLLM_FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "windowed"]
+FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "windowed"]
 LAYERS = {"llava": 2, "llava_next": 2, "qwen2_5_vl": 3, "qwen3_vl": 4, "windowed": 2}
 QWEN_GRIDS = [[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 4, 6]]         # 1, 2, 4, 6 merged tokens
 QWEN_VIDEOS = [[2, 2, 4], [3, 4, 4]]                             # 2x2, 3x4 tokens per frame
+INLLM = ("fastv", "fitprune", "dart")
 
 
 @functools.lru_cache(maxsize=None)
-def _inllm_model(family):
+def _family_model(family):
     from test_inllm_reliability import _windowed
     from test_qwen import _qwen3, _qwen25
     if family == "windowed":
@@ -190,8 +192,8 @@ def _inllm_model(family):
 
 
 @st.composite
-def _inllm_cases(draw):
-    family = draw(st.sampled_from(INLLM_FAMILIES))
+def _engine_cases(draw):
+    family = draw(st.sampled_from(FAMILIES))
     qwen = family.startswith("qwen")
     rows = []
     for _ in range(draw(st.integers(1, 2))):
@@ -207,44 +209,51 @@ def _inllm_cases(draw):
             at = len(row) if draw(st.booleans()) else draw(st.integers(0, len(row)))
             row.insert(at, unit)
         rows.append(row)
-    method = draw(st.sampled_from(["fastv", "fitprune", "dart"]))
+    # pre-LLM methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones everywhere
+    method = draw(st.sampled_from(INLLM + (("divprune", "trimtokenator") if qwen else ())))
     count = draw(st.sampled_from([int, np.int64, torch.tensor]))
-    kwargs = {"layer": count(draw(st.integers(1, LAYERS[family] - 1)))}
+    kwargs = {}
+    if method in ("fastv", "dart"):
+        kwargs["layer"] = count(draw(st.integers(1, LAYERS[family] - 1)))
     if method == "fitprune":
-        kwargs = {"recipe": {l: count(draw(st.integers(0, 3))) for l in range(LAYERS[family])}}
+        kwargs["recipe"] = {l: count(draw(st.integers(0, 2) if l == 0 else st.integers(0, 1)))
+                            for l in range(LAYERS[family])}
     else:
         kwargs["keep"] = (count(draw(st.integers(1, 6))) if draw(st.booleans())
                           else draw(st.sampled_from([0.05, 0.1, np.float64(0.3), 0.5, 1.0])))
     if method == "dart":
         kwargs.update(pivot_image=draw(st.integers(0, 2)), pivot_text=draw(st.integers(1, 3)))
+    if method == "trimtokenator" and isinstance(kwargs["keep"], float) and kwargs["keep"] > 0.8:
+        kwargs["stage1_keep"] = 1.0            # the default 0.8 is refused below keep
     if qwen and draw(st.booleans()):
         kwargs["per_frame"] = True
+    options = [None] + ([("prefill_chunk_size", 4), ("prompt_lookup_num_tokens", 2)]
+                        if method in INLLM else [])
     return {"family": family, "rows": rows, "method": method, "kwargs": kwargs,
             "use_cache": draw(st.booleans()), "copy": draw(st.booleans()),
-            "option": draw(st.sampled_from([None, None, None, ("prefill_chunk_size", 4),
-                                            ("prompt_lookup_num_tokens", 2)])),
+            "option": draw(st.sampled_from([None, None] + options)),
             "seed": draw(st.integers(0, 2**16))}
 
 
-def _inllm_inputs(model, case):
-    """The case's batch and each unit's token count (per frame with ``per_frame``)."""
+def _engine_inputs(model, case):
+    """The case's batch and, per row, its units' token counts in prompt order (a video's frames
+    with ``per_frame``)."""
     if not case["family"].startswith("qwen"):
         inputs = _batch(model, case["rows"], seed=case["seed"])
         counts = ([16] * len(inputs["pixel_values"]) if "image_sizes" not in inputs else
                   [len(f) for f in model.model.get_image_features(
                       inputs["pixel_values"], inputs["image_sizes"]).pooler_output])
-        return inputs, counts
+        images = iter(counts)
+        return inputs, [[next(images) for x in r if x == "<image>"] for r in case["rows"]]
     from test_qwen import _prompt
-    rows = [[x if not isinstance(x, int) or x < 150 else 3 for x in r] for r in case["rows"]]
-    inputs = _prompt(model, rows, seed=case["seed"])
     per_frame = case["kwargs"].get("per_frame", False)
-    counts = [t * h * w // 4 for r in rows for kind, (t, h, w) in
-              (x for x in r if isinstance(x, tuple)) if kind == "image"]
-    for r in rows:
+    units = []
+    for r in case["rows"]:
+        units.append([])
         for kind, (t, h, w) in (x for x in r if isinstance(x, tuple)):
-            if kind == "video":
-                counts += [h * w // 4] * t if per_frame else [t * h * w // 4]
-    return inputs, counts
+            frames = t if kind == "video" and per_frame else 1
+            units[-1] += [t * h * w // 4 // frames] * frames
+    return _prompt(model, case["rows"], seed=case["seed"]), units
 
 
 def _kept_per_unit(case, n):
@@ -256,6 +265,8 @@ def _kept_per_unit(case, n):
         return n - total if total < n else None
     keep = kw["keep"]
     keep = int(keep) if not isinstance(keep, float) else float(keep)
+    if case["method"] in ("divprune", "trimtokenator"):        # Qwen: a smaller unit keeps all
+        return min(n, keep) if isinstance(keep, int) else min(n, max(1, math.floor(keep * n + .5)))
     if case["method"] == "fastv":
         kept = keep if isinstance(keep, int) else max(1, round(n * keep))
     else:
@@ -265,19 +276,19 @@ def _kept_per_unit(case, n):
     return kept if kept <= n else None
 
 
-@settings(FUZZ, max_examples=600 if LARGE else 60)
-@given(case=_inllm_cases())
-def test_inllm_generate_is_refused_cleanly_or_behaves(case):
+@settings(FUZZ, max_examples=1000 if LARGE else 100)
+@given(case=_engine_cases())
+def test_generate_is_refused_cleanly_or_behaves(case):
     """Either the setting or the request is refused before the vision tower runs (a budget that
     does not fit a unit, chunked prefill, assisted decoding, a sequence beyond a sliding window),
     and the model still answers; or generate() keeps the caller's prompt, generates with or
     without a cache (and on a deep copy of the enabled model) the same tokens, every unit keeps
     its documented count (DART: at least one), and disable() gives back the unpruned model."""
-    model = _inllm_model(case["family"])
+    model = _family_model(case["family"])
     qwen = case["family"].startswith("qwen")
     tower = model.model.visual if qwen else model.model.vision_tower
     with torch.no_grad():
-        inputs, counts = _inllm_inputs(model, case)
+        inputs, units = _engine_inputs(model, case)
     placeholders = [model.config.image_token_id] + (
         [model.config.video_token_id] if qwen else [])
     width = inputs["input_ids"].shape[1]
@@ -285,10 +296,11 @@ def test_inllm_generate_is_refused_cleanly_or_behaves(case):
                 logits_processor=transformers.LogitsProcessorList([_Ban(placeholders + [2])]))
     with torch.no_grad():
         unpruned = model.generate(**inputs, **call)
-    fits = [_kept_per_unit(case, n) for n in counts]
+    fits = [[_kept_per_unit(case, n) for n in row] for row in units]
     window = getattr(model.config.text_config, "sliding_window", None)
     refusal = (None if case["option"] is None else NotImplementedError) or (
-        ValueError if None in fits or (window is not None and width + 3 > window) else None)
+        ValueError if any(None in row for row in fits)
+        or (window is not None and width + 3 > window) else None)
 
     calls = []
     hook = tower.register_forward_hook(lambda *a: calls.append(1))
@@ -298,6 +310,7 @@ def test_inllm_generate_is_refused_cleanly_or_behaves(case):
         options = dict(call, use_cache=case["use_cache"])
         if case["option"] is not None:
             options[case["option"][0]] = case["option"][1]
+        event(f"{case['method']}: " + ("refused" if refusal is not None else "generated"))
         if refusal is not None:
             with pytest.raises(refusal), torch.no_grad():
                 runner.generate(**inputs, **options)
@@ -305,28 +318,35 @@ def test_inllm_generate_is_refused_cleanly_or_behaves(case):
             return
         with torch.no_grad():
             pruned = runner.generate(**inputs, **options)
-            positions = visprune.integrations.transformers.active_handle(runner).positions
+            ran = visprune.integrations.transformers.active_handle(runner)
             if not case["use_cache"]:
                 assert torch.equal(pruned, model.generate(**inputs, **call))
         assert pruned.shape == unpruned.shape
         assert torch.equal(pruned[:, :width], inputs["input_ids"])
-        ids = inputs["input_ids"]
-        prompt = (positions >= 0) & (positions < width)      # without a cache: new tokens too
-        kept = prompt & torch.isin(ids.gather(1, positions.clamp(0, width - 1)),
-                                   torch.tensor(placeholders))
-        visual = torch.isin(ids, torch.tensor(placeholders))
-        if case["method"] != "dart":
-            expected = torch.zeros(len(ids), dtype=torch.long)
-            unit = 0
-            for r in range(len(ids)):
-                n_row = int(visual[r].sum())
-                while n_row > 0:
-                    expected[r] += fits[unit]
-                    n_row -= counts[unit]
-                    unit += 1
-            assert kept.sum(1).tolist() == expected.tolist()
-        else:
-            assert int(kept.sum()) >= len(counts)
+        if case["method"] in INLLM:
+            ids, positions = inputs["input_ids"], ran.positions
+            prompt = (positions >= 0) & (positions < width)    # without a cache: new tokens too
+            kept = (prompt & torch.isin(ids.gather(1, positions.clamp(0, width - 1)),
+                                        torch.tensor(placeholders))).sum(1).tolist()
+            if case["method"] == "dart":
+                assert all(k >= len(row) for k, row in zip(kept, units))
+            else:
+                assert kept == [sum(row) for row in fits]
+        else:           # per image then per video, as the handle reports them
+            kept = [len(k) for k in ran.kept]
+            per_item = []
+            for kind in ("image", "video"):
+                for r, row in enumerate(case["rows"]):
+                    it = iter(fits[r])
+                    for x in row:
+                        if isinstance(x, tuple):
+                            (t, h, w) = x[1]
+                            frames = t if x[0] == "video" and case["kwargs"].get("per_frame") \
+                                else 1
+                            got = sum(next(it) for _ in range(frames))
+                            if x[0] == kind:
+                                per_item.append(got)
+            assert kept == per_item
     finally:
         hook.remove()
         handle.disable()
