@@ -210,6 +210,9 @@ def _cases() -> List[Case]:
         text_mask=i["text_mask"], backend=b))
     case("dpp_map", "", lambda i, b: methods.dpp_map(i["visual"], i["attn"], i["shape"].k,
                                                      backend=b))
+    # the unit's tokens: the masked ones; the text pivots: the others
+    case("dart", "", lambda i, b: methods.dart(i["embeds"], i["visual"], i["mask"], i["shape"].k,
+                                               text=~i["mask"]), takes_backend=False)
     return C
 
 
