@@ -614,7 +614,8 @@ def test_qwen_bf16_keeps_exact_positions_on_a_grid_wider_than_256(qwen_checkpoin
     ({"method": "fastv", "keep": 4}, "inside the language model"),
     ({"method": "divprune", "keep": 1.5}, r"keep must be an int >= 1 or a float in \(0, 1\]"),
     ({"method": "holov", "keep": 4, "redistribute": False}, "redistribute=True"),
-], ids=["visionzip", "fastv", "bad-keep", "holov-redistribute"])
+    ({"method": "trimtokenator", "keep": 0.9}, r"stage1_keep must be a fraction >= keep=0.9"),
+], ids=["visionzip", "fastv", "bad-keep", "holov-redistribute", "stage1-below-keep"])
 def test_qwen_bad_configuration_fails_at_start_up(qwen_checkpoint, config, message):
     _, path = qwen_checkpoint
     with pytest.raises(Exception, match=message):

@@ -27,7 +27,7 @@ from ..transformers.llava import _NEEDS_CLS, _NEEDS_TEXT, _PRE_PROJECTOR, _SUPPL
 from ..transformers.llava import METHODS as _TRANSFORMERS_METHODS
 from ..transformers.llava import _VARLEN, PruningHandle
 from ..transformers.qwen import _SUPPLIED as _QWEN_SUPPLIED
-from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _check_keep, \
+from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _check_stage1, \
     unit_budget
 
 __all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "Settings", "settings",
@@ -116,7 +116,7 @@ def settings(hf_config, family: str = "llava") -> Optional[Settings]:
                          f"{', '.join(supported)} on {model}")
     if qwen:
         try:
-            keep = _check_keep(keep)
+            keep = checks.keep("keep", keep, "image or video")
         except (TypeError, ValueError) as e:
             raise ValueError(f"visprune: {method} needs keep (visual tokens kept per image): "
                              f"{e}") from None
@@ -302,10 +302,13 @@ class QwenPruner:
     _select = QwenPruningHandle._select
     _batched = QwenPruningHandle._batched
     _dry_run = QwenPruningHandle._dry_run
+    _survivors = QwenPruningHandle._survivors
 
     def __init__(self, config: Settings, device: torch.device):
         _setup(self, config, device)
         with _named(config):
+            if self.method == "trimtokenator":       # the transformers integration's rule
+                self._stage1 = _check_stage1(self.keep, self._stage1)
             self._dry_run()
 
     def select(self, visual: Sequence[torch.Tensor], *, text: Optional[torch.Tensor] = None,
