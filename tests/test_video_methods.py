@@ -7,6 +7,9 @@ the originals' rounding decides ranks and ties.  The kept positions must be iden
 original's order, and the tokens their rows bit for bit.
 """
 import importlib
+import importlib.util
+import json
+import pathlib
 
 import pytest
 import torch
@@ -247,6 +250,22 @@ BAD = [
 def test_argument_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_benchmark_runs(tmp_path):
+    """benchmarks/bench_video.py on a tiny video: each method keeps its original's tokens (the
+    script exits otherwise), and every row has times, a speed-up and peak memory."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_video.py"
+    spec = importlib.util.spec_from_file_location("bench_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--reps", "2", "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["dycoke", "evs", "vidcom2"]
+    for r in rows:
+        assert r["visprune_ms"] > 0 and r["original_ms"] > 0
+        assert r["speedup"] == r["original_ms"] / r["visprune_ms"]
+        assert r["visprune_peak_MB"] >= 0 and r["original_peak_MB"] >= 0
 
 
 def test_empty_batch():

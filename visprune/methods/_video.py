@@ -97,6 +97,7 @@ def padded_result(video: torch.Tensor, index: torch.Tensor, lengths: List[int],
     fill = torch.where(valid, index, spare.gather(1, pad_rank))
     tokens, _ = ops.gather_compact(video.reshape(B, N, D), fill, sort=False, backend=backend,
                                    validate=False)
-    tokens = tokens.masked_fill(~valid[..., None], 0)
+    if min(lengths, default=0) < index.shape[1]:
+        tokens.masked_fill_(~valid[..., None], 0)        # a fresh gather: no copy needed
     return PruneResult(tokens, index, torch.tensor(lengths, dtype=torch.long,
                                                    device=video.device))

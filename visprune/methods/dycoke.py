@@ -22,7 +22,8 @@ Parity.  The kept positions and their order are the original's: the cosines are 
 input's dtype with the original's arithmetic (the same ``F.normalize`` and ``F.cosine_similarity``
 steps, :func:`~visprune.methods._video.frame_cosine`, bitwise the same values), and the selection
 is the same ``torch.topk`` on the same values (one call for every compared frame of the batch; its
-order among equal values is its own, and is reproduced because each row is the original's row).
+order among equal values is its own, and is reproduced because each row is the original's row;
+tested on CPU: on CUDA that choice may depend on how many rows a call holds).
 
 Deviations, only where the original crashes: it stacks an empty list for ``T <= 4`` (step 2 has
 no group) and for ``T = 1`` (step 1 has no pair).  Here ``2 <= T <= 4`` runs step 1 alone, and a

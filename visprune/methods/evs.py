@@ -72,7 +72,7 @@ def evs(video: torch.Tensor, q: float, *, frames=None,
     score[:, :1] = FIRST_FRAME
     score[:, 1:] = 1 - frame_cosine(video)
     # padding frames rank after every real score: 1 - cos is NaN (ranked first by the sort, as
-    # in vLLM) or within [0, 2], never -inf
+    # in vLLM) or finite, never -inf
     frame_no = torch.arange(T, device=dev)
     real = frame_no < torch.tensor(counts, device=dev)[:, None]
     score = score.masked_fill(~real[..., None], -torch.inf).reshape(B, T * P)

@@ -16,13 +16,15 @@ Per video, on the merged visual tokens ``[T·P, D]``:
    highest-similarity kept tokens is dropped, or the shortfall of lowest-similarity dropped
    tokens added (``torch.topk`` over the video's kept / dropped tokens in position order).
 
-Parity.  The kept positions are vLLM's for every ``B, T, P, q`` and dtype: every step runs the same
-torch operations in the input's dtype (vLLM computes in the embeddings' dtype), on a batch of
-videos instead of one; each result element is computed from the same elements in the same order,
-so the values are bitwise vLLM's.  Where the selection is ``torch.topk``'s, whose choice among equal
-values is its own (and frequent in bf16), the same ``topk`` is called on the same values: in step 4
-on every frame of the batch that has the same budget at once (a frame's row is what vLLM's loop
-passes), in step 5 on each video's own list (the lists differ in length between videos).  vLLM's
+Parity.  The kept positions are vLLM's for every ``B, T, P, q`` and dtype: every step runs the
+same torch operations in the input's dtype (vLLM computes in the embeddings' dtype), on a batch of
+videos instead of one (the two reductions over a whole video, one call per video as in vLLM);
+each result element is computed from the same elements in the same order, so the values are
+bitwise vLLM's.  Where the selection is ``torch.topk``'s, whose choice among equal values is its
+own (and frequent in bf16), the same ``topk`` is called on the same values: in step 4 on every
+frame of the batch that has the same budget at once (a frame's row is what vLLM's loop passes),
+in step 5 on each video's own list (the lists differ in length between videos).  Tested on CPU;
+on CUDA, ``topk``'s choice among equal values may depend on how many rows a call holds.  vLLM's
 function takes one video and its ``(T, H, W)`` grid; it uses the grid only to split the tokens
 into frames, so ``P = (H/m)·(W/m)`` is all it needs of the layout.
 
