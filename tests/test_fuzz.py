@@ -50,7 +50,11 @@ import visprune  # noqa: E402
 from visprune import ops  # noqa: E402
 from visprune.backends import backend_status  # noqa: E402
 from visprune.methods import divprune, holov, prumerge, trimtokenator  # noqa: E402
+from visprune.methods import dycoke, dycoke_count, evs, evs_count  # noqa: E402
+from visprune.methods import vidcom2, vidcom2_count  # noqa: E402
 from visprune.methods import holov as holov_module  # noqa: E402
+
+import video_originals  # noqa: E402
 
 from helpers import (distance_matrix_literal, equal_count_mask, mi_scores_literal,  # noqa: E402
                      start_values_literal, step_values_literal, with_duplicates)
@@ -987,6 +991,71 @@ def test_prumerge_properties_and_backends_agree(case):
                 assert torch.equal(alone.indices[0, :n], res.indices[b, :n]), (be, b)
 
 
+# =========================================================================== video methods
+# name: (method, its count, the rates drawn, the transliterated original: positions of one video)
+VIDEO_METHODS = {
+    "evs": (evs, evs_count, [0.0, 0.25, 0.5, 0.75, 0.9, 0.99],
+            lambda v, t, h, w, q: video_originals.evs_retention_mask(v, (t, h, w), 1, q)
+            .nonzero().squeeze(-1)),
+    "vidcom2": (vidcom2, vidcom2_count, [0.0, 0.25, 0.5, 0.75, 0.9, 0.99],
+                lambda v, t, h, w, q: video_originals.vidcom2_retention_mask(v, (t, h, w), 1, q)
+                .nonzero().squeeze(-1)),
+    "dycoke": (dycoke, dycoke_count, [0.7, 0.0, 0.3, 0.5, 0.9, 1.0],
+               lambda v, t, h, w, k: video_originals.dycoke_ttm(v, h * w, k)[1]),
+}
+
+
+def video_cases(r):
+    T = r.pick([1, 2, 3, 4, 5, 6, 8, 9, 13])
+    h, w = r.pick([(1, 1), (1, 3), (2, 2), (2, 3), (3, 3), (1, 7), (4, 4)])
+    spec = token_specs(r, n_choices=[T * h * w])
+    method = r.pick(sorted(VIDEO_METHODS))
+    frames = None
+    if spec["B"] and r.flip():
+        frames = [r.randint(1, T) for _ in range(spec["B"])]
+        frames = r.pick([frames, torch.tensor(frames), np.array(frames)])
+    return {"spec": spec, "T": T, "grid": (h, w), "method": method,
+            "rate": r.pick(VIDEO_METHODS[method][2]), "frames": frames}
+
+
+@fuzz(40)
+@given(case=cases(video_cases))
+def test_video_methods_properties(case):
+    """EVS, VidCom2, DyCoke on any tokens, layout and ragged frame counts: per row the count of
+    the method's rule, unique in-range positions of the row's real frames (ascending for EVS and
+    VidCom2), -1 and zero tokens past it, the input's rows bit for bit, the transliterated
+    original's positions (one video at a time, packed), the row's result alone, inputs untouched,
+    the same result on every backend."""
+    spec, T, (h, w) = case["spec"], case["T"], case["grid"]
+    fn, count, _, original = VIDEO_METHODS[case["method"]]
+    x3 = make_tokens(spec)
+    x = x3.unflatten(1, (T, h * w))
+    B, _, P, D = x.shape
+    frames = [T] * B if case["frames"] is None else [int(t) for t in case["frames"]]
+    out = run_all(lambda be: fn(x, case["rate"], frames=case["frames"], backend=be),
+                  backends_for(T * P, D), x)
+    ref = out["reference"]
+    for be, res in out.items():
+        what = f"{case['method']}[{be}]"
+        assert torch.equal(res.indices, ref.indices) and same_bits(res.tokens, ref.tokens), what
+        assert res.lengths.tolist() == [count(P, t, case["rate"]) for t in frames], what
+        L = res.indices.shape[1]
+        assert tuple(res.tokens.shape) == (B, L, D) and res.tokens.dtype == x.dtype, what
+    for b, t in enumerate(frames):
+        n = int(ref.lengths[b])
+        kept = ref.indices[b, :n]
+        in_range = bool(((kept >= 0) & (kept < t * P)).all())
+        assert len(set(kept.tolist())) == n and in_range, (b, kept)
+        if case["method"] != "dycoke":
+            assert bool((kept[1:] > kept[:-1]).all()), (b, kept)
+        assert bool((ref.indices[b, n:] == -1).all()) and not bool(ref.tokens[b, n:].any())
+        assert same_bits(ref.tokens[b:b + 1, :n], take_rows(x3[b:b + 1], kept[None])), b
+        packed = x[b, :t].reshape(t * P, D).contiguous()
+        assert kept.tolist() == original(packed, t, h, w, case["rate"]).tolist(), (b, t)
+        alone = fn(x[b:b + 1, :t], case["rate"])
+        assert torch.equal(alone.indices[0], kept), b
+
+
 # =========================================================================== argument errors
 class WorkStarted(AssertionError):
     pass
@@ -1201,6 +1270,25 @@ _err("prumerge-iqr_scope", "iqr_scope")(lambda be: prumerge(_X, torch.rand(B_, N
                                                             iqr_scope="all", backend=be))
 _err("prumerge-plus-int", "plus")(lambda be: prumerge(_X, torch.rand(B_, N_), _X, plus=1,
                                                       backend=be))
+
+_V = _x(2, N=2 * 3).unflatten(1, (2, 3))                       # [B, T=2, P=3, D]
+for _label, _fn, _rate in (("evs", evs, 0.5), ("vidcom2", vidcom2, 0.5), ("dycoke", dycoke, 0.7)):
+    _arg = "k" if _fn is dycoke else "q"
+    for _bad_label, _bad in (("one", 1.0 if _fn is not dycoke else 1.5), ("negative", -0.25),
+                             ("nan", float("nan")), ("str", "0.5"), ("bool", True),
+                             ("none", None), ("tensor", torch.tensor(0.5))):
+        _err(f"{_label}-{_arg}-{_bad_label}", _arg)(
+            lambda be, f=_fn, v=_bad: f(_V, v, backend=be))
+    _err(f"{_label}-video-3d", "video")(lambda be, f=_fn, v=_rate: f(_V[0], v, backend=be))
+    _err(f"{_label}-video-int", "video")(lambda be, f=_fn, v=_rate: f(_V.long(), v, backend=be))
+    _err(f"{_label}-video-no-tokens", "video")(
+        lambda be, f=_fn, v=_rate: f(_V[:, :, :0], v, backend=be))
+    _err(f"{_label}-video-no-frames", "frames")(
+        lambda be, f=_fn, v=_rate: f(_V[:, :0], v, backend=be))
+    for _bad_label, _bad in (("short", [2]), ("zero", [2, 0]), ("over-T", [3, 2]),
+                             ("float", torch.tensor([2.0, 1.0])), ("str", ["2", "1"])):
+        _err(f"{_label}-frames-{_bad_label}", "frames")(
+            lambda be, f=_fn, v=_rate, fr=_bad: f(_V, v, frames=fr, backend=be))
 
 
 @pytest.mark.parametrize("call,name", ERRORS)

@@ -156,6 +156,39 @@ def fraction_or_count(name: str, value):
                         f"got {type(value).__name__}") from None
 
 
+def bounded(name: str, value, lo: float, hi: float, *, hi_open: bool = False) -> float:
+    """A real number (Python or NumPy int or float, not a bool) in ``[lo, hi]`` (``[lo, hi)``
+    with ``hi_open``), returned as a Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    inside = lo <= value < hi if hi_open else lo <= value <= hi
+    if not inside:
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+    return value
+
+
+def video(name: str, t, frames) -> list:
+    """``t``: frames of visual tokens ``[B, T, P, D]`` (fp32, fp16, bf16 or float64; ``P >= 1``
+    tokens per frame, ``D >= 1`` channels).  ``frames``: ``None`` (every video has ``T``
+    frames) or each video's frame count, a sequence or 1-D integer tensor (any device: read
+    once) of ``B`` ints in ``[1, T]``; the frames past a video's count are padding.  Returns the
+    counts as a list of Python ints."""
+    tensor(name, t, 4, "[B, T, P, D]", dtypes=FLOATS + (torch.float64,))
+    B, T, P, D = t.shape
+    if P == 0 or D == 0:
+        raise ValueError(f"{name} must have P >= 1 tokens per frame and D >= 1 channels, got "
+                         f"shape {tuple(t.shape)}")
+    counts = [T] * B if frames is None else per_segment("frames", frames, B, "video")
+    bad = [(b, c) for b, c in enumerate(counts) if not 1 <= c <= T]
+    if bad:
+        b, c = bad[0]
+        raise ValueError(f"frames must be in [1, T] = [1, {T}] for every video (each video needs "
+                         f"a frame; {name} holds T={T}), got frames[{b}]={c}")
+    return counts
+
+
 # --------------------------------------------------------------------------- the ops' checks
 def read(*values: torch.Tensor) -> list:
     """Scalars computed on the device, read back with one sync."""
@@ -339,13 +372,13 @@ def cu_seqlens(x: torch.Tensor, cu, xname: str = "x") -> int:
     return cu.numel() - 1
 
 
-def per_segment(name: str, value, B: int) -> list:
-    """A count per segment as a list of ``B`` Python ints: one :func:`count` for every segment,
-    or a sequence (list, tuple, NumPy array) or 1-D integer tensor (any device: read once) of
-    ``B`` counts."""
+def per_segment(name: str, value, B: int, unit: str = "segment") -> list:
+    """A count per segment (or other ``unit``) as a list of ``B`` Python ints: one :func:`count`
+    for every one, or a sequence (list, tuple, NumPy array) or 1-D integer tensor (any device:
+    read once) of ``B`` counts."""
     if isinstance(value, torch.Tensor) and value.dim() == 1:
         if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
-            raise TypeError(f"{name} must be an int or a per-segment sequence of ints, got a "
+            raise TypeError(f"{name} must be an int or a per-{unit} sequence of ints, got a "
                             f"{value.dtype} tensor")
         values = [int(v) for v in value.tolist()]
     elif isinstance(value, (list, tuple, np.ndarray)):
@@ -353,10 +386,10 @@ def per_segment(name: str, value, B: int) -> list:
     else:
         return [count(name, value)] * B
     if len(values) != B:
-        raise ValueError(f"{name} must have one count per segment (B={B}), got {len(values)}")
+        raise ValueError(f"{name} must have one count per {unit} (B={B}), got {len(values)}")
     bad = [v for v in values if v < 0]
     if bad:
-        raise ValueError(f"{name} must be >= 0 in every segment, got {bad[0]}")
+        raise ValueError(f"{name} must be >= 0 in every {unit}, got {bad[0]}")
     return values
 
 
