@@ -253,9 +253,10 @@ def test_argument_errors(call, error, match):
 
 
 def test_benchmark_runs(tmp_path):
-    """benchmarks/bench_video.py on a tiny video: each method keeps its original's tokens (the
+    """benchmarks/bench_video_methods.py on a tiny video: each method keeps its original's tokens (the
     script exits otherwise), and every row has times, a speed-up and peak memory."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_video.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / \
+        "bench_video_methods.py"
     spec = importlib.util.spec_from_file_location("bench_video", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

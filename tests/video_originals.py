@@ -1,5 +1,6 @@
 """The video methods' original code, transliterated statement by statement: the golden references of
-``tests/test_video_methods.py`` and the originals' code paths of ``benchmarks/bench_video.py``.
+``tests/test_video_methods.py`` and the originals' code paths of
+``benchmarks/bench_video_methods.py``.
 
 Each function below re-writes one original function in the original's own form (one video at a
 time, its loops, its torch calls in its order) and is written from the original, not from

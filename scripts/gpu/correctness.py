@@ -213,6 +213,19 @@ def _cases() -> List[Case]:
     # the unit's tokens: the masked ones; the text pivots: the others
     case("dart", "", lambda i, b: methods.dart(i["embeds"], i["visual"], i["mask"], i["shape"].k,
                                                text=~i["mask"]), takes_backend=False)
+
+    def video(i):
+        """The tokens as 6 frames of N // 6 ([B, T, P, D]), and ragged frame counts."""
+        B, N, D = i["visual"].shape
+        frames = torch.tensor([6] + [5] * (B - 1))
+        return i["visual"][:, :6 * (N // 6)].reshape(B, 6, N // 6, D), frames
+
+    case("evs", "frames", lambda i, b: methods.evs(video(i)[0], 0.75, frames=video(i)[1],
+                                                   backend=b))
+    case("vidcom2", "frames", lambda i, b: methods.vidcom2(video(i)[0], 0.75,
+                                                           frames=video(i)[1], backend=b))
+    case("dycoke", "frames", lambda i, b: methods.dycoke(video(i)[0], frames=video(i)[1],
+                                                         backend=b))
     return C
 
 
@@ -222,7 +235,8 @@ CASES = _cases()
 def functions() -> List[str]:
     """What must be covered: every op and every method visprune exports."""
     return ([n for n in ops.__all__ if n != "PruneResult"]
-            + [n for n in methods.__all__])
+            # the methods' token counts are integer arithmetic, no tensors
+            + [n for n in methods.__all__ if not n.endswith("_count")])
 
 
 def uncovered() -> List[str]:

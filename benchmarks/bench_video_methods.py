@@ -1,7 +1,7 @@
 """The video methods (EVS, VidCom2, DyCoke's stage 1) against their originals' code paths, side by
 side on the same tokens: time and peak memory.
 
-    python benchmarks/bench_video.py [--reps 10] [--json out.json] [--md out.md] [--quick]
+    python benchmarks/bench_video_methods.py [--reps 10] [--json out.json] [--md out.md] [--quick]
 
 Video shapes: ``T × P`` = 32 × 196 and 64 × 196 merged tokens (6,272 and 12,544), ``D`` = 896
 (Qwen2-0.5B-sized) and 3584 (Qwen2.5-VL-7B / LLaVA-OneVision-7B), one video, fp32 on CPU.  The
