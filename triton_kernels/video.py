@@ -304,6 +304,14 @@ def _temporal_kernel(x_ptr, sx_b, sx_t, sx_p, sx_d, ref_ptr, out_ptr, T, P, D, f
 
 
 # --------------------------------------------------------------------------- launchers
+def _slice(x: torch.Tensor, D: int) -> int:
+    """The width of the D slices of a distance tile: 64 x 64 tiles with 8 warps spill no
+    register on sm_90 with 64-wide slices of fp16 / bf16 and 16-wide ones of fp32 (its tiles hold
+    twice the registers; 32-wide fp32 slices spill 24-52 B in the kNN, delta and nearest
+    kernels)."""
+    return block(D, 16, 16 if x.dtype == torch.float32 else 64)
+
+
 def _classes(x2: torch.Tensor) -> torch.Tensor:
     """``int32[T]``: a label per token of ``x2[T, D]``, equal for tokens equal element for
     element (a token holding a NaN equals only itself)."""
@@ -332,16 +340,17 @@ def _dpc_fields(x, k, cand, cu_seqlens=None, nmax=0):
     # separate tensors: the op's outputs must not share storage
     m, top, rho, delta, score = (torch.empty(T, dtype=torch.float32, device=x.device)
                                  for _ in range(5))
-    BLOCK_D = block(D, 16, 32 if x.dtype == torch.float32 else 64)
+    BLOCK_D = _slice(x, D)
     grid = (B, triton.cdiv(max(n, 1), BLOCK_TILE))
     common = dict(HAS_MASK=cand is not None, IS_VARLEN=cu_seqlens is not None,
-                  INTERPRETED=interpreting(), BLOCK_M=BLOCK_TILE, BLOCK_N=BLOCK_TILE,
-                  BLOCK_D=BLOCK_D, num_warps=8)
+                  INTERPRETED=interpreting(), BLOCK_M=BLOCK_TILE, BLOCK_D=BLOCK_D, num_warps=8)
     cand_arg = cand if cand is not None else sq
+    # The kNN tiles are half as wide: the k extractions per tile hold more of it in registers
+    # (64-wide fp32 tiles spill 24-40 B on sm_90).
     _knn_kernel[grid](x, *strides, sq, cls, cand_arg, m, top, cu, N, D, K=k,
-                      KP=triton.next_power_of_2(k), **common)
+                      KP=triton.next_power_of_2(k), BLOCK_N=BLOCK_TILE // 2, **common)
     _delta_kernel[grid](x, *strides, sq, cls, cand_arg, m, top, rho, delta, score, cu, N, D,
-                        **common)
+                        BLOCK_N=BLOCK_TILE, **common)
     return rho, delta, score, sq, cls
 
 
@@ -351,7 +360,7 @@ def _nearest(x, norms, cls, cand, centers, cc, own, metric, cu_seqlens=None, nma
     D = x.shape[-1]
     out = torch.empty(norms.numel(), dtype=torch.long, device=x.device)
     C = centers.shape[1] if cu_seqlens is None else 0
-    BLOCK_D = block(D, 16, 32 if x.dtype == torch.float32 else 64)
+    BLOCK_D = _slice(x, D)
     _nearest_kernel[(B, triton.cdiv(max(n, 1), BLOCK_TILE))](
         x, *strides, norms, cls if cls is not None else norms,
         cand if cand is not None else norms, centers, cc if cc is not None else centers, own, out,

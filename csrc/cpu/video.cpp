@@ -340,12 +340,19 @@ void nearest_center_of(const Cands& X, Metric metric, const std::vector<int64_t>
   const int64_t C = static_cast<int64_t>(centers.size());
   const at::Tensor cols = X.y.index_select(
       0, at::from_blob(const_cast<int64_t*>(centers.data()), {C}, at::TensorOptions().dtype(at::kLong)));
+  // BLAS may round two equal centres' columns differently: each centre reads the column of the
+  // first centre equal to it, so that such a tie is exact and goes to the lower slot.
+  Cands K;
+  K.y = cols;
+  K.c = C;
+  K.D = X.D;
+  const std::vector<int32_t> same = value_classes(K);
   brute_force(X, todo, cols, [&](const int64_t* ps, int64_t m, const float* buf) {
     for (int64_t r = 0; r < m; ++r) {
       float best = kInf;
       int64_t s = -1;
       for (int64_t j = 0; j < C; ++j) {
-        const float d = pair_distance(X, metric, ps[r], centers[j], buf[r * C + j]);
+        const float d = pair_distance(X, metric, ps[r], centers[j], buf[r * C + same[j]]);
         if (s < 0 || d < best) best = d, s = j;
       }
       slot[ps[r]] = s;
