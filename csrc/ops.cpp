@@ -565,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
   TORCH_CHECK_VALUE(0 <= num_centers && num_centers <= x.size(1), "num_centers=", num_centers,
                     " is out of range for N=", x.size(1));
   if (mask.has_value()) check_mask(*mask, "mask", x, x.size(0), x.size(1), "[B, N]");
-  return cpu::dpc_knn(prepare_tokens(fp32_tokens(x), Metric::kL2), num_centers, k, mask);
+  return cpu::dpc_knn(fp32_tokens(x), num_centers, k, mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_varlen(
@@ -577,8 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_v
   const at::Tensor cu = check_cu(x, cu_seqlens);
   check_mask1d(mask, x);
   offsets(num_centers, cu.numel() - 1, "num_centers");
-  return cpu::dpc_knn_varlen(prepare_tokens(fp32_tokens(x.unsqueeze(0)), Metric::kL2), cu,
-                             num_centers, k, mask);
+  return cpu::dpc_knn_varlen(fp32_tokens(x.unsqueeze(0)), cu, num_centers, k, mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(

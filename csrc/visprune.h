@@ -104,16 +104,16 @@ namespace cpu {
 const Kernels& kernels();
 const VarlenKernels& varlen_kernels();
 
-// The video ops (csrc/cpu/video.cpp; CUDA tensors use the Triton kernels).  P prepared for l2.
-// (centers[B, C], assign[B, N], density, delta, score [B, N]) of DPC-kNN; B rows one after
-// another, each split over the threads.
+// The video ops (csrc/cpu/video.cpp; CUDA tensors use the Triton kernels).
+// (centers[B, C], assign[B, N], density, delta, score [B, N]) of DPC-kNN on contiguous fp32
+// xf[B, N, D]; B rows one after another, each split over the threads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
-    const Prepared& P, int64_t num_centers, int64_t k, const c10::optional<at::Tensor>& mask);
-// The same on each segment [cu[b], cu[b+1]) of a packed P ([1, T, D]; contiguous int64 cu on the
-// host): centers[Σ C] global, the fields [T].  Raises ValueError for a segment with fewer
+    const at::Tensor& xf, int64_t num_centers, int64_t k, const c10::optional<at::Tensor>& mask);
+// The same on each segment [cu[b], cu[b+1]) of a packed xf ([1, T, D]; contiguous int64 cu on
+// the host): centers[Σ C] global, the fields [T].  Raises ValueError for a segment with fewer
 // candidates than its num_centers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_varlen(
-    const Prepared& P, const at::Tensor& cu, c10::IntArrayRef num_centers, int64_t k,
+    const at::Tensor& xf, const at::Tensor& cu, c10::IntArrayRef num_centers, int64_t k,
     const c10::optional<at::Tensor>& mask);
 // (tokens[B, C, D] fp32, indices, sizes[B, C]) of the cluster merge of xf (contiguous fp32;
 // P = xf prepared for `metric`, used for the nearest-centre assignment when assign is absent);

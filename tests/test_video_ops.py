@@ -73,6 +73,10 @@ CASES = [  # B, N, D, C, k, dtype, duplicates, mask
     (1, 37, 7, 37, 3, torch.float32, True, True),
     (2, 255, 33, 40, 7, torch.float32, True, True),
     (1, 255, 1, 10, 4, torch.float32, False, False),
+    # the C++ panels (192 rows × 1024 columns), the delta and assignment fallbacks (C = 3: most
+    # tokens have no centre among their 16 nearest)
+    (1, 1500, 12, 150, 7, torch.float32, True, True),
+    (1, 1500, 12, 3, 4, torch.float32, False, False),
 ]
 
 

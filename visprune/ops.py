@@ -309,7 +309,8 @@ def dpc_knn(x: torch.Tensor, num_centers: int, *, k: int = 5,
         k: neighbours in the density, ``>= 1`` (FastVID 4, PruneVid and HoliTom 7).
         mask: optional ``bool[B, N]``: only True tokens take part; the others get ``assign`` -1
             and density, delta, score 0.
-        backend, validate: see the module docstring.
+        backend, validate: see the module docstring (the Triton path syncs anyway: the labels
+            of equal tokens come from ``torch.unique``, whose output size is data-dependent).
     """
     checks.tensor("x", x, 3, "[B, N, D]")
     name = checked_name(backend, x.device)

@@ -24,9 +24,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -44,9 +46,11 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kNearest = 16;       // L: the list length (at least k - 1)
-// Rows per BLAS panel: MKL on one thread runs the triangle of N = 6272, D = 896 10 % faster in
-// 192-row panels than in 96-row ones (384: no faster).
-constexpr int64_t kPanelRows = 192;
+// A BLAS panel: 192 rows (MKL on one thread runs the triangle of N = 6272, D = 896 10 % faster
+// than in 96-row ones; 384: no faster) against blocks of 1024 columns, whose 768 KiB of products
+// are folded while they are in the core's cache (folding whole rows from memory cost a fifth of
+// the products' time).
+constexpr int64_t kPanelRows = 192, kPanelCols = 1024;
 constexpr int64_t kChunkRows = 64;  // rows per brute-force chunk (peaks, assignment fallbacks)
 
 // The candidate tokens of one row, contiguous: y[c, D] fp32 (unit vectors for cosine), their
@@ -63,11 +67,13 @@ struct Cands {
 std::vector<int32_t> value_classes(const Cands& X) {
   const int64_t c = X.c, D = X.D;
   std::vector<std::pair<uint64_t, int32_t>> h(static_cast<size_t>(c));
+  // Bucketed by a hash of 32 sampled entries (kernels.cpp's duplicate_of), then compared in full.
+  const int64_t samples = std::min<int64_t>(D, 32);
   for (int64_t p = 0; p < c; ++p) {
     const float* v = X.row(p);
     uint64_t x = 1469598103934665603ull;
-    for (int64_t d = 0; d < D; ++d) {
-      const float f = v[d] + 0.0f;  // -0 hashes as +0
+    for (int64_t t = 0; t < samples; ++t) {
+      const float f = v[t * D / samples] + 0.0f;  // -0 hashes as +0
       uint32_t bits;
       std::memcpy(&bits, &f, sizeof(bits));
       x = (x ^ bits) * 1099511628211ull;
@@ -180,14 +186,15 @@ struct Lists {
   }
 };
 
-// Row p of a panel: dots[q - q0] = y_p·y_q for q in [q0, c), p's distances to the q > p folded
-// into the lists of p and q and the largest distance.
-void scan_row_portable(Lists& S, const Cands& X, int64_t p, int64_t q0, const float* dots) {
+// Row p of a panel against the columns [qa, qb) (all > p): dots[q - qa] = y_p·y_q, p's
+// distances folded into the lists of p and q and the largest distance.
+void scan_row_portable(Lists& S, const Cands& X, int64_t p, int64_t qa, int64_t qb,
+                       const float* dots) {
   const float sp = X.sq[p];
   const int32_t cp = X.cls[p];
   float top = S.top;
-  for (int64_t q = p + 1; q < X.c; ++q) {
-    const float d = X.cls[q] == cp ? 0.0f : sq_distance(sp, X.sq[q], dots[q - q0]);
+  for (int64_t q = qa; q < qb; ++q) {
+    const float d = X.cls[q] == cp ? 0.0f : sq_distance(sp, X.sq[q], dots[q - qa]);
     top = std::max(top, d);
     if (d <= S.thr[p]) S.offer(p, d, static_cast<int32_t>(q));
     if (d <= S.thr[q]) S.offer(q, d, static_cast<int32_t>(p));
@@ -199,17 +206,18 @@ void scan_row_portable(Lists& S, const Cands& X, int64_t p, int64_t q0, const fl
 // The same on 16 columns at a time: the distances, the running maximum and both list filters
 // in registers; only columns that pass a filter (few once the lists are full) go scalar.
 __attribute__((target("avx512f"))) void scan_row_avx512(Lists& S, const Cands& X, int64_t p,
-                                                         int64_t q0, const float* dots) {
+                                                         int64_t qa, int64_t qb,
+                                                         const float* dots) {
   const float sp = X.sq[p];
   const int32_t cp = X.cls[p];
   const __m512 vsp = _mm512_set1_ps(sp), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
   const __m512i vcp = _mm512_set1_epi32(cp);
   __m512 top = _mm512_set1_ps(S.top);
   alignas(64) float d[16];
-  int64_t q = p + 1;
-  for (; q + 16 <= X.c; q += 16) {
+  int64_t q = qa;
+  for (; q + 16 <= qb; q += 16) {
     __m512 v = _mm512_sub_ps(_mm512_add_ps(vsp, _mm512_loadu_ps(X.sq.data() + q)),
-                             _mm512_mul_ps(two, _mm512_loadu_ps(dots + (q - q0))));
+                             _mm512_mul_ps(two, _mm512_loadu_ps(dots + (q - qa))));
     v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), v);  // d > 0 ? d : 0
     const __mmask16 same = _mm512_cmpeq_epi32_mask(
         _mm512_loadu_si512(X.cls.data() + q), vcp);
@@ -226,8 +234,8 @@ __attribute__((target("avx512f"))) void scan_row_avx512(Lists& S, const Cands& X
   }
   _mm512_store_ps(d, top);
   for (int l = 0; l < 16; ++l) S.top = std::max(S.top, d[l]);
-  for (; q < X.c; ++q) {
-    const float v = X.cls[q] == cp ? 0.0f : sq_distance(sp, X.sq[q], dots[q - q0]);
+  for (; q < qb; ++q) {
+    const float v = X.cls[q] == cp ? 0.0f : sq_distance(sp, X.sq[q], dots[q - qa]);
     S.top = std::max(S.top, v);
     if (v <= S.thr[p]) S.offer(p, v, static_cast<int32_t>(q));
     if (v <= S.thr[q]) S.offer(q, v, static_cast<int32_t>(p));
@@ -235,17 +243,17 @@ __attribute__((target("avx512f"))) void scan_row_avx512(Lists& S, const Cands& X
 }
 #endif
 
-void scan_row(Lists& S, const Cands& X, int64_t p, int64_t q0, const float* dots) {
+void scan_row(Lists& S, const Cands& X, int64_t p, int64_t qa, int64_t qb, const float* dots) {
 #ifdef VISPRUNE_X86
-  if (avx512()) return scan_row_avx512(S, X, p, q0, dots);
+  if (avx512()) return scan_row_avx512(S, X, p, qa, qb, dots);
 #endif
-  scan_row_portable(S, X, p, q0, dots);
+  scan_row_portable(S, X, p, qa, qb, dots);
 }
 
 // Every pair through the upper triangle in row panels: returns each token's L nearest others
-// sorted by (distance, position) in val/pos (cnt held) and the largest distance.  Panel pairs
-// (u, np-1-u) go to one task so that the triangle splits evenly; each thread folds into its own
-// lists, merged at the end (the L smallest of a union do not depend on the order).
+// sorted by (distance, position) in val/pos (cnt held) and the largest distance.  Each thread
+// folds into its own lists, merged at the end (the L smallest of a union do not depend on the
+// order the pairs came in).
 struct Nearest {
   int L;
   std::vector<float> val;
@@ -260,24 +268,32 @@ Nearest nearest_lists(const Cands& X, int L, bool parallel) {
   const int64_t np = (c + kPanelRows - 1) / kPanelRows;
   std::vector<Lists> lists;
   for (int64_t s = 0; s < slots; ++s) lists.emplace_back(L, c);
-  std::vector<float> scratch(static_cast<size_t>(slots * kPanelRows * std::max<int64_t>(c, 1)));
+  // uninitialised: every panel writes what it reads
+  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(slots * kPanelRows * kPanelCols)]);
   auto panel = [&](int64_t u, int64_t slot) {
-    const int64_t p0 = u * kPanelRows, p1 = std::min(c, p0 + kPanelRows), w = c - p0;
-    float* buf = scratch.data() + slot * kPanelRows * c;
-    products(X.row(p0), p1 - p0, X.row(p0), w, D, buf, w);
-    for (int64_t p = p0; p < p1; ++p) scan_row(lists[slot], X, p, p0, buf + (p - p0) * w);
-  };
-  auto tasks = [&](int64_t u0, int64_t u1, int64_t slot) {
-    for (int64_t u = u0; u < u1; ++u) {
-      panel(u, slot);
-      if (np - 1 - u != u) panel(np - 1 - u, slot);
+    const int64_t p0 = u * kPanelRows, p1 = std::min(c, p0 + kPanelRows);
+    float* buf = scratch.get() + slot * kPanelRows * kPanelCols;
+    for (int64_t q0 = p0; q0 < c; q0 += kPanelCols) {
+      const int64_t w = std::min(kPanelCols, c - q0);
+      products(X.row(p0), p1 - p0, X.row(q0), w, D, buf, w);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t qa = std::max(q0, p + 1);
+        if (qa < q0 + w) scan_row(lists[slot], X, p, qa, q0 + w, buf + (p - p0) * w + (qa - q0));
+      }
     }
   };
+  // Each thread takes the next panel, largest first, from a shared counter: the triangle splits
+  // evenly whatever the thread count, and a thread slowed by a busy core takes fewer.
+  std::atomic<int64_t> next(0);
+  auto work = [&](int64_t slot) {
+    for (int64_t u; (u = next.fetch_add(1)) < np;) panel(u, slot);
+  };
   if (parallel) {
-    at::parallel_for(0, (np + 1) / 2, 1,
-                     [&](int64_t u0, int64_t u1) { tasks(u0, u1, at::get_thread_num()); });
+    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) work(s);
+    });
   } else {
-    tasks(0, (np + 1) / 2, 0);
+    work(0);
   }
   Nearest out{L, std::vector<float>(static_cast<size_t>(c * L)),
               std::vector<int32_t>(static_cast<size_t>(c * L)),
@@ -467,10 +483,24 @@ void dpc_row(const float* y, const float* sq, int64_t n, int64_t D, const bool* 
   for (int64_t p = 0; p < c; ++p) assign[pos[p]] = slot[p];
 }
 
+// The squared norms of the tokens of contiguous xf[..., D], by the canonical dot: no [.., D]
+// temporary (x * x would double the op's peak memory at D = 3584).
+at::Tensor squared_norms(const at::Tensor& xf) {
+  const int64_t D = xf.size(-1), n = xf.numel() / std::max<int64_t>(D, 1);
+  at::Tensor sq = at::empty({n}, xf.options());
+  const float* x = xf.data_ptr<float>();
+  float* o = sq.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = canonical_dot(x + i * D, x + i * D, D);
+  });
+  return sq;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
-    const Prepared& P, int64_t C, int64_t k, const c10::optional<at::Tensor>& mask) {
+    const at::Tensor& xf, int64_t C, int64_t k, const c10::optional<at::Tensor>& mask) {
+  const Prepared P{xf, squared_norms(xf)};
   const int64_t B = P.y.size(0), N = P.y.size(1), D = P.y.size(2);
   const auto opt = P.y.options();
   at::Tensor centers = at::empty({B, C}, opt.dtype(at::kLong)), assign = at::empty({B, N}, opt.dtype(at::kLong));
@@ -488,8 +518,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_varlen(
-    const Prepared& P, const at::Tensor& cu_t, c10::IntArrayRef C, int64_t k,
+    const at::Tensor& xf, const at::Tensor& cu_t, c10::IntArrayRef C, int64_t k,
     const c10::optional<at::Tensor>& mask) {
+  const Prepared P{xf, squared_norms(xf)};
   const int64_t T = P.y.size(1), D = P.y.size(2), B = cu_t.numel() - 1;
   const int64_t* cu = cu_t.data_ptr<int64_t>();
   const auto opt = P.y.options();
