@@ -14,6 +14,10 @@ Shapes: T × P = 32 × 196 and 64 × 196 tokens (LLaVA-OneVision's pooled frames
   blend_rule="fixed")`` against HoliTom's ``cluster_dpc_knn`` + ``merge_tokens_by_clustering``
   (its per-cluster loop, default ``BETA=0.6``).
 
+* ``greedy-start``: ``greedy_select`` (maxmin, cosine, k = N/10) on a whole video with
+  ``start="linear"`` against the exact default ``start="auto"``, both visprune: what the linear
+  start saves (the steps are the same O(k·N·D) either way; the starts differ by definition).
+
 Same result: the originals add ``1e-6·rand`` to the density; here that term is 0, so they are
 deterministic.  The centres and assignment are compared with the originals' float32 code and with
 the same code run in float64 (the exact math, which visprune's reference follows); merged tokens
@@ -157,11 +161,15 @@ def run(case, T, P, D, reps):
     N = T * P
     C = N // 10
     x = torch.randn(1, N, D, generator=torch.Generator().manual_seed(T * P + D))
-    ours, theirs = (visprune_cluster, cluster_dpc_knn) if case == "cluster" \
-        else (visprune_merge, holitom_merge)
-    theirs_k = (lambda: theirs(x, C, K))
-    ours_k = (lambda: ours(x, C))
-    ours(x[:, :512], 16)                           # load the kernels once
+    if case == "greedy-start":
+        ours_k = (lambda: ops.greedy_select(x, C, start="linear", backend="cpu"))
+        theirs_k = (lambda: ops.greedy_select(x, C, start="auto", backend="cpu"))
+    else:
+        ours, theirs = (visprune_cluster, cluster_dpc_knn) if case == "cluster" \
+            else (visprune_merge, holitom_merge)
+        theirs_k = (lambda: theirs(x, C, K))
+        ours_k = (lambda: ours(x, C))
+        ours(x[:, :512], 16)                       # load the kernels once
     t_ours, t_theirs, m_ours, m_theirs = [], [], [], []
     for _ in range(reps):
         a, t, m = measured(ours_k)
@@ -176,7 +184,9 @@ def run(case, T, P, D, reps):
            "speedup_median": statistics.median(t_theirs) / statistics.median(t_ours),
            "speedup_min": min(t_theirs) / min(t_ours)}
     # the same result
-    if case == "cluster":
+    if case == "greedy-start":
+        row["same_start"] = bool(a[0, 0] == b[0, 0])
+    elif case == "cluster":
         # the assignment as each token's centre token (slots follow each side's centre order)
         exact = cluster_dpc_knn(x, C, K, dtype=torch.float64)
         mine = a[0][0][a[1][0]]
@@ -199,13 +209,13 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
     ap.add_argument("--md")
-    ap.add_argument("--only", default="", help="cluster | cluster+merge")
+    ap.add_argument("--only", default="", help="cluster | cluster+merge | greedy-start")
     args = ap.parse_args()
     rows = []
-    for case in ("cluster", "cluster+merge"):
+    for case in ("cluster", "cluster+merge", "greedy-start"):
         if args.only and args.only != case:
             continue
-        for T, P, D in SHAPES:
+        for T, P, D in (SHAPES if case != "greedy-start" else SHAPES[1:2]):
             row = run(case, T, P, D, args.reps)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}), flush=True)
@@ -229,7 +239,11 @@ def main():
                  "original peak | same result |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            if r["case"] == "cluster":
+            if r["case"] == "greedy-start":
+                same = ("'original' = visprune with the exact start='auto'; the same start token"
+                        if r["same_start"] else "'original' = visprune with the exact "
+                        "start='auto' (another start token, by definition)")
+            elif r["case"] == "cluster":
                 same = (f"centres {r['centres_equal_fp64_original']:.4f} / assign "
                         f"{r['assign_equal_fp64_original']:.4f} of the fp64 original's; "
                         f"{r['centres_equal_fp32_original']:.4f} / "

@@ -364,3 +364,37 @@ def test_linear_start_on_both_triton_paths_and_varlen(path):
     got = greedy.greedy_select_varlen(x.reshape(80, 8), cu, [5, 5], "maxmin", "cosine", None,
                                       "linear", path=path)
     assert torch.equal(got, torch.cat([want[0], want[1] + 40]))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_bench_video_originals_give_the_same_result():
+    """benchmarks/bench_video.py at a tiny shape: its transliterations of PruneVid's and
+    HoliTom's code give the C++ backend's centres, assignment and merged tokens."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_video.py"
+    spec = importlib.util.spec_from_file_location("bench_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.run("cluster", 2, 40, 16, 1)
+    assert row["centres_equal_fp64_original"] == 1.0 and row["assign_equal_fp64_original"] == 1.0
+    row = bench.run("cluster+merge", 2, 40, 16, 1)
+    assert row["centres_equal_fp32_original"] and row["merged_max_abs_diff"] < 1e-5
+    assert bench.run("greedy-start", 2, 40, 16, 1)["visprune_s"]
+
+
+def test_unvalidated_indices_never_lead_outside_the_tokens():
+    """validate=False skips the value checks: out-of-range centres and slots still give a
+    result of the right shape on the kernels (the C++ backend raises ValueError)."""
+    x = randn((2, 10, 4), seed=1)
+    centers = torch.tensor([[0, 99], [-5, 3]])
+    assign = torch.tensor([[7, -3] * 5, [1, 0] * 5])
+    for be in BACKENDS:
+        if be == "reference":
+            continue
+        try:
+            r = ops.cluster_merge(x, centers, assign, backend=be, validate=False)
+        except ValueError:
+            assert be == "cpu"
+            continue
+        assert r.tokens.shape == (2, 2, 4) and torch.equal(r.indices, centers)

@@ -11,7 +11,8 @@ distances are never recomputed from scratch.  Two paths:
   Rows are processed in batch chunks so the workspace stays under GRAM_BUDGET_BYTES.
 * ``stream`` (large N): no N² buffer.  maxmin's start rule comes from the same tile kernel
   without the store; maxsum's is linear in a per-row summary (:func:`_maxsum_start_key`, N·D
-  work).  Each step is one launch of ``_greedy_step_kernel`` over blocks of N that computes
+  work), and so is ``start="linear"``, maxsum's rule for either objective
+  (:func:`_linear_start_key`; on the gram path too, in place of the tiles' key).  Each step is one launch of ``_greedy_step_kernel`` over blocks of N that computes
   ``d(i, s)`` on the fly from the tokens, updates ``run`` in memory and folds its block's
   (max, argmax) into one packed int64 per row with ``atomic_max``; the next launch reads that
   one value to find ``s`` (O(1) per program, whatever N).

@@ -31,7 +31,7 @@ from .mi_scores import token_stats
 from .utils import (COSINE, EPS, L2, METRICS, block, clamp_distance, cosine, interpreting,
                     on_device, segment, warps)
 
-BLOCK_TILE = 64           # tokens per side of a distance tile
+BLOCK_TILE = 64           # tokens per side of a distance tile (columns; rows: _tile_rows)
 
 
 @triton.jit
@@ -305,11 +305,16 @@ def _temporal_kernel(x_ptr, sx_b, sx_t, sx_p, sx_d, ref_ptr, out_ptr, T, P, D, f
 
 # --------------------------------------------------------------------------- launchers
 def _slice(x: torch.Tensor, D: int) -> int:
-    """The width of the D slices of a distance tile: 64 x 64 tiles with 8 warps spill no
-    register on sm_90 with 64-wide slices of fp16 / bf16 and 16-wide ones of fp32 (its tiles hold
-    twice the registers; 32-wide fp32 slices spill 24-52 B in the kNN, delta and nearest
-    kernels)."""
+    """The width of the D slices of a distance tile: 64-wide for fp16 / bf16, 16-wide for fp32
+    (its tiles hold twice the registers; 32-wide fp32 slices spill 24-52 B on sm_90)."""
     return block(D, 16, 16 if x.dtype == torch.float32 else 64)
+
+
+def _tile_rows(x: torch.Tensor):
+    """``(tokens per row block, warps)``: 64 with 8 warps, and 32 with 4 for fp32, whose 64-row
+    tiles spill 12-32 B in the kNN, delta and nearest-centre kernels with Triton 3.6 on sm_90
+    (32 rows with 8 warps: still 12 B in one nearest-centre variant)."""
+    return (BLOCK_TILE // 2, 4) if x.dtype == torch.float32 else (BLOCK_TILE, 8)
 
 
 def _classes(x2: torch.Tensor) -> torch.Tensor:
@@ -340,11 +345,13 @@ def _dpc_fields(x, k, cand, cu_seqlens=None, nmax=0):
     # separate tensors: the op's outputs must not share storage
     m, top, rho, delta, score = (torch.empty(T, dtype=torch.float32, device=x.device)
                                  for _ in range(5))
-    BLOCK_D = _slice(x, D)
-    grid = (B, triton.cdiv(max(n, 1), BLOCK_TILE))
+    BLOCK_D, (BLOCK_M, num_warps) = _slice(x, D), _tile_rows(x)
+    grid = (B, triton.cdiv(max(n, 1), BLOCK_M))
     common = dict(HAS_MASK=cand is not None, IS_VARLEN=cu_seqlens is not None,
-                  INTERPRETED=interpreting(), BLOCK_M=BLOCK_TILE, BLOCK_D=BLOCK_D, num_warps=8)
+                  INTERPRETED=interpreting(), BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                  num_warps=num_warps)
     cand_arg = cand if cand is not None else sq
+    k = min(k, max(n, 1))     # no row has more candidates: the same result, fewer registers
     # The kNN tiles are half as wide: the k extractions per tile hold more of it in registers
     # (64-wide fp32 tiles spill 24-40 B on sm_90).
     _knn_kernel[grid](x, *strides, sq, cls, cand_arg, m, top, cu, N, D, K=k,
@@ -361,12 +368,13 @@ def _nearest(x, norms, cls, cand, centers, cc, own, metric, cu_seqlens=None, nma
     out = torch.empty(norms.numel(), dtype=torch.long, device=x.device)
     C = centers.shape[1] if cu_seqlens is None else 0
     BLOCK_D = _slice(x, D)
-    _nearest_kernel[(B, triton.cdiv(max(n, 1), BLOCK_TILE))](
+    BLOCK_M, num_warps = _tile_rows(x)
+    _nearest_kernel[(B, triton.cdiv(max(n, 1), BLOCK_M))](
         x, *strides, norms, cls if cls is not None else norms,
         cand if cand is not None else norms, centers, cc if cc is not None else centers, own, out,
         cu, N, D, C, METRIC=METRICS[metric], HAS_CLS=cls is not None, HAS_MASK=cand is not None,
-        IS_VARLEN=cu_seqlens is not None, INTERPRETED=interpreting(), BLOCK_M=BLOCK_TILE,
-        BLOCK_N=BLOCK_TILE, BLOCK_D=BLOCK_D, num_warps=8)
+        IS_VARLEN=cu_seqlens is not None, INTERPRETED=interpreting(), BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_TILE, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return out
 
 
@@ -437,10 +445,12 @@ def cluster_merge(x: torch.Tensor, centers: torch.Tensor, assign: Optional[torch
     B, N, D = x.shape
     C = centers.shape[1]
     dev = x.device
-    centers = centers.long().contiguous()
+    indices = centers.long().clone()
     if B * C == 0:
-        return (torch.empty(B, C, D, dtype=x.dtype, device=dev), centers.clone(),
+        return (torch.empty(B, C, D, dtype=x.dtype, device=dev), indices,
                 torch.zeros(B, C, device=dev))
+    # Clamped, and slots outside [0, C) ignored: unvalidated values never lead outside x.
+    centers = indices.clamp(0, N - 1).contiguous()
     flat = (centers + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
     if assign is None:
         own = _own_slots(B * N, flat, torch.arange(C, device=dev).repeat(B), dev)
@@ -452,7 +462,7 @@ def cluster_merge(x: torch.Tensor, centers: torch.Tensor, assign: Optional[torch
         if mask is not None:
             assign = torch.where(mask.reshape(-1), assign, -1)
     w = weights.float().reshape(-1).contiguous() if weights is not None else None
-    member = assign >= 0
+    member = (assign >= 0) & (assign < C)
     if w is not None:
         member &= w > 0
     if not include_centers:
@@ -468,7 +478,7 @@ def cluster_merge(x: torch.Tensor, centers: torch.Tensor, assign: Optional[torch
         x, *x.stride(), w if w is not None else sizes, order, start, centers, out, sizes, N, D, C,
         0.0 if blend is None else float(blend), HAS_W=w is not None, BLEND=blend is not None,
         CLAMP=blend_rule == "clamp", BLOCK_M=32, BLOCK_D=BLOCK_D, num_warps=4)
-    return out, centers.clone(), sizes
+    return out, indices, sizes
 
 
 @on_device
