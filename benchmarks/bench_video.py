@@ -14,7 +14,7 @@ Shapes: T × P = 32 × 196 and 64 × 196 tokens (LLaVA-OneVision's pooled frames
   blend_rule="fixed")`` against HoliTom's ``cluster_dpc_knn`` + ``merge_tokens_by_clustering``
   (its per-cluster loop, default ``BETA=0.6``).
 
-* ``greedy-start``: ``greedy_select`` (maxmin, cosine, k = N/10) on a whole video with
+* ``greedy-start``: ``greedy_select`` (maxmin, cosine, k = 64) on a whole video with
   ``start="linear"`` against the exact default ``start="auto"``, both visprune: what the linear
   start saves (the steps are the same O(k·N·D) either way; the starts differ by definition).
 
@@ -24,10 +24,12 @@ the same code run in float64 (the exact math, which visprune's reference follows
 within float tolerance.
 
 Peak memory: the largest resident set size above the one before the call, sampled every
-millisecond by a thread while the call runs (the C++ path's own buffers included).
+millisecond by a thread while the call runs (the C++ path's own buffers included; the C
+allocator's cached memory is released before each call).
 Interleaved repetitions; the ratio is of the medians (and of the minima in brackets).
 """
 import argparse
+import ctypes
 import datetime
 import json
 import math
@@ -116,9 +118,12 @@ def visprune_cluster(x, C):
 
 def visprune_merge(x, C):
     r = ops.dpc_knn(x, C, k=K, backend="cpu")
-    centers = r.centers.sort(-1).values          # HoliTom's slot order: ascending index
-    m = ops.cluster_merge(x, centers, include_centers=False, blend=BETA, blend_rule="fixed",
-                          backend="cpu")
+    centers, order = r.centers.sort(-1)          # HoliTom's slot order: ascending index
+    # dpc_knn's assignment, its slots renumbered to that order
+    slot = torch.empty_like(order).scatter_(1, order, torch.arange(C).expand_as(order))
+    assign = torch.where(r.assign >= 0, slot.gather(1, r.assign.clamp(min=0)), -1)
+    m = ops.cluster_merge(x, centers, assign, include_centers=False, blend=BETA,
+                          blend_rule="fixed", backend="cpu")
     return centers, m.tokens
 
 
@@ -129,7 +134,13 @@ def rss_bytes() -> int:
 
 
 def measured(fn):
-    """``(result, seconds, peak bytes above the resident set before the call)``."""
+    """``(result, seconds, peak bytes above the resident set before the call)``.  The C
+    allocator first returns the memory it keeps from earlier calls (glibc's ``malloc_trim``),
+    which a call would otherwise reuse without growing the resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     before = rss_bytes()
     peak = [before]
     done = threading.Event()
@@ -162,8 +173,8 @@ def run(case, T, P, D, reps):
     C = N // 10
     x = torch.randn(1, N, D, generator=torch.Generator().manual_seed(T * P + D))
     if case == "greedy-start":
-        ours_k = (lambda: ops.greedy_select(x, C, start="linear", backend="cpu"))
-        theirs_k = (lambda: ops.greedy_select(x, C, start="auto", backend="cpu"))
+        ours_k = (lambda: ops.greedy_select(x, 64, start="linear", backend="cpu"))
+        theirs_k = (lambda: ops.greedy_select(x, 64, start="auto", backend="cpu"))
     else:
         ours, theirs = (visprune_cluster, cluster_dpc_knn) if case == "cluster" \
             else (visprune_merge, holitom_merge)

@@ -613,8 +613,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
                       "], expected [0, ", N, ")");
   }
   const at::Tensor xf = fp32_tokens(x);
-  auto r = cpu::cluster_merge(xf, prepare_tokens(xf, metric), metric, ce, assign, mask, weights,
-                              include_centers, blend, blend_rule == "clamp");
+  auto r = cpu::cluster_merge(xf, metric, ce, assign, mask, weights, include_centers, blend,
+                              blend_rule == "clamp");
   return {std::get<0>(r).to(x.scalar_type()), std::get<1>(r), std::get<2>(r)};
 }
 

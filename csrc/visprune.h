@@ -116,10 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_v
     const at::Tensor& xf, const at::Tensor& cu, c10::IntArrayRef num_centers, int64_t k,
     const c10::optional<at::Tensor>& mask);
 // (tokens[B, C, D] fp32, indices, sizes[B, C]) of the cluster merge of xf (contiguous fp32;
-// P = xf prepared for `metric`, used for the nearest-centre assignment when assign is absent);
-// centers contiguous int64 [B, C].  blend absent: the plain mean; clamp_rule: a = max(β, 1/(n+1)).
+// the nearest-centre assignment by `metric` when assign is absent); centers contiguous int64
+// [B, C].  blend absent: the plain mean; clamp_rule: a = max(β, 1/(n+1)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
-    const at::Tensor& xf, const Prepared& P, Metric metric, const at::Tensor& centers,
+    const at::Tensor& xf, Metric metric, const at::Tensor& centers,
     const c10::optional<at::Tensor>& assign, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weights, bool include_centers, c10::optional<double> blend,
     bool clamp_rule);

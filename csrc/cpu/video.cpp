@@ -558,11 +558,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_v
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
-    const at::Tensor& xf, const Prepared& P, Metric metric, const at::Tensor& centers_t,
+    const at::Tensor& xf, Metric metric, const at::Tensor& centers_t,
     const c10::optional<at::Tensor>& assign_in, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weights, bool include_centers, c10::optional<double> blend,
     bool clamp_rule) {
   const int64_t B = xf.size(0), N = xf.size(1), D = xf.size(2), C = centers_t.size(1);
+  // The tokens prepared for the assignment only when it is computed here: unit vectors for
+  // cosine, the squared norms (without an [N, D] temporary) for l2.
+  Prepared P{xf, at::Tensor()};
+  if (!assign_in.has_value())
+    P = metric == Metric::kCosine ? prepare_tokens(xf, metric) : Prepared{xf, squared_norms(xf)};
   const auto opt = xf.options();
   at::Tensor out = at::empty({B, C, D}, opt), sizes = at::zeros({B, C}, opt);
   const int64_t* ce = centers_t.data_ptr<int64_t>();
@@ -573,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
   at::Tensor ah = assign_in.has_value() ? assign_in->to(at::kLong).contiguous() : at::Tensor();
   const float* x = xf.data_ptr<float>();
   const float* y = P.y.data_ptr<float>();
-  const float* sq = metric == Metric::kL2 ? P.sq.data_ptr<float>() : nullptr;
+  const float* sq = P.sq.defined() ? P.sq.data_ptr<float>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* cb = ce + b * C;
     const bool* mb = m ? m + b * N : nullptr;
