@@ -45,7 +45,7 @@ def _extension():
 
     force_cuda = _flag("VISPRUNE_FORCE_CUDA")
     with_cuda = force_cuda or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
-    sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/varlen.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/varlen.cpp", "csrc/cpu/video.cpp"]
     # -ffp-contract=off: the kernels choose where FMA is used (see csrc/cpu/kernels.cpp).
     cxx_flags = ["-O3", "-ffp-contract=off"]
     link_flags = []

@@ -73,7 +73,7 @@ void check_select(const at::Tensor& x, const char* xname, Count k,
   TORCH_CHECK_VALUE(k.value >= 0, k.name, " must be >= 0, got ", k.value);
   TORCH_CHECK_VALUE(k.value <= N, k.name, "=", k.value,
                     " is larger than the number of candidate tokens (N=", N, ")");
-  TORCH_CHECK_VALUE(start >= -1 && start < N, "start=", start, " is out of range for N=", N);
+  TORCH_CHECK_VALUE(start >= -2 && start < N, "start=", start, " is out of range for N=", N);
   if (mask.has_value()) check_mask(*mask, "mask", x, B, N, "[B, N]");
 }
 
@@ -459,7 +459,8 @@ at::Tensor greedy_select_varlen(const at::Tensor& x, const at::Tensor& cu_seqlen
   check_floating(x, "x", "[T, D]", 2);
   const at::Tensor cu = check_cu(x, cu_seqlens);
   check_mask1d(mask, x);
-  TORCH_CHECK_VALUE(start >= -1, "start=", start, " must be >= 0 (local to each segment) or -1 (auto)");
+  TORCH_CHECK_VALUE(start >= -2, "start=", start,
+                    " must be >= 0 (local to each segment), -1 (auto) or -2 (linear)");
   const Objective objective = parse_objective(objective_name);
   const Metric metric = parse_metric(metric_name, "metric");
   const int64_t B = cu.numel() - 1;
@@ -554,6 +555,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_compact_varlen(
           at::searchsorted(ordered, cu)};
 }
 
+// --------------------------------------------------------------------------- video ops (CPU)
+// x[B, N, D] (D >= 1), 0 <= num_centers <= N, k >= 1, mask[B, N]: DPC-kNN.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
+    const at::Tensor& x, int64_t num_centers, int64_t k, const c10::optional<at::Tensor>& mask) {
+  check_floating(x, "x", "[B, N, D]");
+  TORCH_CHECK_VALUE(x.size(2) >= 1, "x must have D >= 1, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(0 <= num_centers && num_centers <= x.size(1), "num_centers=", num_centers,
+                    " is out of range for N=", x.size(1));
+  if (mask.has_value()) check_mask(*mask, "mask", x, x.size(0), x.size(1), "[B, N]");
+  return cpu::dpc_knn(fp32_tokens(x), num_centers, k, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_varlen(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, c10::IntArrayRef num_centers, int64_t k,
+    const c10::optional<at::Tensor>& mask) {
+  check_floating(x, "x", "[T, D]", 2);
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have D >= 1, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  const at::Tensor cu = check_cu(x, cu_seqlens);
+  check_mask1d(mask, x);
+  offsets(num_centers, cu.numel() - 1, "num_centers");
+  return cpu::dpc_knn_varlen(fp32_tokens(x.unsqueeze(0)), cu, num_centers, k, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
+    const at::Tensor& x, const at::Tensor& centers, const c10::optional<at::Tensor>& assign,
+    c10::string_view metric_name, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weights, bool include_centers, c10::optional<double> blend,
+    c10::string_view blend_rule) {
+  check_floating(x, "x", "[B, N, D]");
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK_TYPE(centers.dim() == 2 && at::isIntegralType(centers.scalar_type(), false),
+                   "centers must be an integer tensor of shape [B, C], got ",
+                   centers.scalar_type(), " tensor of shape ", centers.sizes());
+  TORCH_CHECK_VALUE(centers.size(0) == B && centers.size(1) <= N, "centers must have shape [B, C] "
+                    "with B=", B, " and C <= N=", N, ", got ", centers.sizes());
+  const Metric metric = parse_metric(metric_name, "metric");
+  TORCH_CHECK_VALUE(blend_rule == "clamp" || blend_rule == "fixed",
+                    "blend_rule must be one of ('clamp', 'fixed'), got '", std::string(blend_rule),
+                    "'");
+  TORCH_CHECK_VALUE(!blend.has_value() || (*blend >= 0.0 && *blend <= 1.0),
+                    "blend must be in [0, 1], got ", blend.value_or(0.0));
+  if (mask.has_value()) check_mask(*mask, "mask", x, B, N, "[B, N]");
+  if (assign.has_value())
+    TORCH_CHECK_VALUE(assign->dim() == 2 && assign->size(0) == B && assign->size(1) == N,
+                      "assign must have shape [B, N] = [", B, ", ", N, "], got ", assign->sizes());
+  if (weights.has_value())
+    TORCH_CHECK_VALUE(weights->dim() == 2 && weights->size(0) == B && weights->size(1) == N,
+                      "weights must have shape [B, N] = [", B, ", ", N, "], got ",
+                      weights->sizes());
+  const at::Tensor ce = centers.to(at::kLong).contiguous();
+  if (ce.numel() > 0) {
+    const int64_t lo = ce.min().item<int64_t>(), hi = ce.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < N, "centers has values in [", lo, ", ", hi,
+                      "], expected [0, ", N, ")");
+  }
+  const at::Tensor xf = fp32_tokens(x);
+  auto r = cpu::cluster_merge(xf, metric, ce, assign, mask, weights, include_centers, blend,
+                              blend_rule == "clamp");
+  return {std::get<0>(r).to(x.scalar_type()), std::get<1>(r), std::get<2>(r)};
+}
+
+at::Tensor temporal_similarity(const at::Tensor& video, c10::optional<c10::IntArrayRef> reference,
+                               double fill) {
+  check_floating(video, "video", "[B, T, P, D]", 4);
+  const int64_t T = video.size(1);
+  std::vector<int64_t> ref(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) ref[t] = t - 1;
+  if (reference.has_value()) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(reference->size()) == T,
+                      "reference must have one entry per frame (T=", T, "), got ",
+                      reference->size());
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK_VALUE((*reference)[t] >= -1 && (*reference)[t] < T,
+                        "reference must hold frames in [-1, T=", T, "), got ", (*reference)[t]);
+      ref[t] = (*reference)[t];
+    }
+  }
+  return cpu::temporal_similarity(prepare_tokens(fp32_tokens(video), Metric::kCosine), ref, fill);
+}
+
 }  // namespace
 }  // namespace visprune
 
@@ -575,6 +658,14 @@ TORCH_LIBRARY(visprune, m) {
         "str metric) -> (Tensor, Tensor, Tensor)");
   m.def("gather_compact_varlen(Tensor x, Tensor cu_seqlens, Tensor? index, Tensor? mask, "
         "bool sort) -> (Tensor, Tensor, Tensor)");
+  m.def("dpc_knn(Tensor x, int num_centers, int k, Tensor? mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dpc_knn_varlen(Tensor x, Tensor cu_seqlens, int[] num_centers, int k, Tensor? mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cluster_merge(Tensor x, Tensor centers, Tensor? assign, str metric, Tensor? mask, "
+        "Tensor? weights, bool include_centers, float? blend, str blend_rule) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("temporal_similarity(Tensor video, int[]? reference, float fill) -> Tensor");
 }
 
 // The ops of one device: the composition above over that device's kernels.
@@ -637,7 +728,13 @@ TORCH_LIBRARY(visprune, m) {
                                            visprune::device::kernels());                          \
   })
 
-TORCH_LIBRARY_IMPL(visprune, CPU, m) { VISPRUNE_IMPL_OPS(m, cpu); }
+TORCH_LIBRARY_IMPL(visprune, CPU, m) {
+  VISPRUNE_IMPL_OPS(m, cpu);
+  m.impl("dpc_knn", &visprune::dpc_knn);
+  m.impl("dpc_knn_varlen", &visprune::dpc_knn_varlen);
+  m.impl("cluster_merge", &visprune::cluster_merge);
+  m.impl("temporal_similarity", &visprune::temporal_similarity);
+}
 
 #ifdef VISPRUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(visprune, CUDA, m) { VISPRUNE_IMPL_OPS(m, cuda); }

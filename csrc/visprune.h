@@ -103,6 +103,29 @@ struct VarlenKernels {
 namespace cpu {
 const Kernels& kernels();
 const VarlenKernels& varlen_kernels();
+
+// The video ops (csrc/cpu/video.cpp; CUDA tensors use the Triton kernels).
+// (centers[B, C], assign[B, N], density, delta, score [B, N]) of DPC-kNN on contiguous fp32
+// xf[B, N, D]; B rows one after another, each split over the threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn(
+    const at::Tensor& xf, int64_t num_centers, int64_t k, const c10::optional<at::Tensor>& mask);
+// The same on each segment [cu[b], cu[b+1]) of a packed xf ([1, T, D]; contiguous int64 cu on
+// the host): centers[Σ C] global, the fields [T].  Raises ValueError for a segment with fewer
+// candidates than its num_centers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpc_knn_varlen(
+    const at::Tensor& xf, const at::Tensor& cu, c10::IntArrayRef num_centers, int64_t k,
+    const c10::optional<at::Tensor>& mask);
+// (tokens[B, C, D] fp32, indices, sizes[B, C]) of the cluster merge of xf (contiguous fp32;
+// the nearest-centre assignment by `metric` when assign is absent); centers contiguous int64
+// [B, C].  blend absent: the plain mean; clamp_rule: a = max(β, 1/(n+1)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_merge(
+    const at::Tensor& xf, Metric metric, const at::Tensor& centers,
+    const c10::optional<at::Tensor>& assign, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weights, bool include_centers, c10::optional<double> blend,
+    bool clamp_rule);
+// float32[B, T, P]: the cosine of each token (P prepared for cosine, [B, T, P, D]) with the same
+// position in frame ref[t], `fill` where ref[t] < 0.
+at::Tensor temporal_similarity(const Prepared& P, c10::IntArrayRef ref, double fill);
 }  // namespace cpu
 
 #ifdef VISPRUNE_WITH_CUDA

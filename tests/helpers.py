@@ -199,3 +199,61 @@ def stable_topk_literal(scores_row: Sequence[float], n: int, cands: Sequence[int
     order = sorted(cands, key=lambda i: (-scores_row[i], i))
     return sorted(order[:n])
 
+
+
+# --------------------------------------------------------------------------- video
+def dpc_knn_literal(x_row: torch.Tensor, num_centers: int, k: int,
+                    cands: Optional[Sequence[int]] = None):
+    """The originals' DPC-kNN on one row ``x_row[N, D]`` in float64, on the full matrix of direct
+    differences ``cdist / sqrt(D)``: the k nearest (itself included), ``exp(-mean d²)``, the
+    nearest denser token (the largest distance for the densest), ``ρ·δ``, the top scores,
+    nearest-centre assignment with each centre its own.  Where the originals add ``1e-6·rand`` to
+    the density, a density tie goes to the lower index.  Returns ``(centers, assign, density,
+    delta)`` lists over ``cands`` (all tokens when None; assign -1 elsewhere)."""
+    N, D = x_row.shape
+    cands = list(range(N)) if cands is None else list(cands)
+    y = x_row.double()[cands]
+    c = len(cands)
+    dist = (y[:, None, :] - y[None, :, :]).square().sum(-1).sqrt() / math.sqrt(D)
+    kk = min(k, c)
+    density = [math.exp(-sum(v * v for v in sorted(dist[i].tolist())[:kk]) / kk) for i in range(c)]
+    top = float(dist.max()) if c else 0.0
+    delta = []
+    for i in range(c):
+        denser = [j for j in range(c) if density[j] > density[i]
+                  or (density[j] == density[i] and j < i)]
+        delta.append(min(float(dist[i, j]) for j in denser) if denser else top)
+    score = [density[i] * delta[i] for i in range(c)]
+    order = sorted(range(c), key=lambda i: (-score[i], i))[:num_centers]
+    assign = [-1] * N
+    for i in range(c):
+        near = min(range(len(order)), key=lambda s: (float(dist[i, order[s]]), s)) \
+            if order else -1
+        assign[cands[i]] = order.index(i) if i in order else near
+    return ([cands[i] for i in order], assign, density, delta)
+
+
+def cluster_merge_literal(x_row: torch.Tensor, centers: Sequence[int], assign: Sequence[int],
+                          include_centers: bool = True, blend: Optional[float] = None,
+                          rule: str = "clamp", weights: Optional[Sequence[float]] = None):
+    """One row's merged tokens in float64, member by member: the (weighted) mean of each slot's
+    members, blended with the anchor as FastVID (``a = max(β, 1/(n+1))``) or HoliTom (``a = β``);
+    an empty slot gives its anchor."""
+    x = x_row.double()
+    out = []
+    for s, anchor in enumerate(centers):
+        members = [i for i, a in enumerate(assign) if a == s
+                   and (include_centers or i not in centers)
+                   and (weights is None or weights[i] > 0)]
+        w = [1.0 if weights is None else float(weights[i]) for i in members]
+        n = sum(w)
+        if n == 0:
+            out.append(x[anchor])
+            continue
+        mean = sum(wi * x[i] for wi, i in zip(w, members)) / n
+        if blend is None:
+            out.append(mean)
+            continue
+        a = max(blend, 1.0 / (n + 1.0)) if rule == "clamp" else blend
+        out.append(a * x[anchor] + (1.0 - a) * mean)
+    return torch.stack(out) if out else x.new_zeros(0, x.shape[1])

@@ -302,6 +302,11 @@ def groups(x_row):
     return out
 
 
+def start_rule(objective, start):
+    """The objective whose start rule picks step 0: ``start="linear"`` is maxsum's."""
+    return "maxsum" if start == "linear" else objective
+
+
 def rounding_step(group, cands, selected, objective, t, forced_start):
     """Whether step ``t`` is one the README leaves to rounding even among exact copies: every
     remaining candidate duplicates a selected token (all distances are rounding noise), or the
@@ -317,15 +322,17 @@ def rounding_step(group, cands, selected, objective, t, forced_start):
     return all(group[i] in chosen for i in cands)
 
 
-def lower_copy_violation(x_row, mask_row, picks, objective, forced_start):
+def lower_copy_violation(x_row, mask_row, picks, objective, forced_start, first=None):
     """A pick that has a bitwise-identical, lower-indexed candidate still unpicked (it must have
     won: identical tokens get identical distances on every backend), or None.  An int start is
-    forced, not chosen; steps decided by rounding (:func:`rounding_step`) end the check."""
+    forced, not chosen; steps decided by rounding (:func:`rounding_step`) end the check.
+    ``first``: the objective of the start rule (:func:`start_rule`), default ``objective``."""
     N = x_row.shape[0]
     group = groups(x_row)
     remaining = [i for i in range(N) if mask_row is None or bool(mask_row[i])]
     for t, p in enumerate(picks):
-        if rounding_step(group, remaining, picks[:t], objective, t, forced_start):
+        if rounding_step(group, remaining, picks[:t], (first or objective) if t == 0 else objective,
+                         t, forced_start):
             return None
         for q in ([] if t == 0 and forced_start else remaining):
             if q >= p:
@@ -353,13 +360,14 @@ def greedy_divergence(x_row, mask_row, objective, metric, start, want, got):
     N = x_row.shape[0]
     group = groups(x_row)
     cands = [i for i in range(N) if (mask_row is None or bool(mask_row[i])) and i not in want[:t]]
-    if rounding_step(group, cands, want[:t], objective, t, forced):
+    if rounding_step(group, cands, want[:t], start_rule(objective, start) if t == 0 else objective,
+                     t, forced):
         return None
     a, b = want[t], got[t]
     if group[a] == group[b]:
         return f"step {t}: {a} and {b} are the same token, the lower index must win"
     dist = distance_matrix_literal(x_row, metric)
-    vals = (start_values_literal(dist, cands, objective) if t == 0
+    vals = (start_values_literal(dist, cands, start_rule(objective, start)) if t == 0
             else step_values_literal(dist, cands, want[:t], objective))
     va, vb = vals[cands.index(a)], vals[cands.index(b)]
     if abs(va - vb) <= 1e-5 * max(1.0, abs(va), abs(vb)):
@@ -386,7 +394,7 @@ def greedy_cases(r, finite_only=False, duplicates=None, layouts=LAYOUTS):
     n_cand = candidate_count(mask, B, N)
     k = r.part(n_cand)
     always = [i for i in range(N) if mask is None or B == 0 or bool(mask[:, i].all())]
-    start = "auto"
+    start = r.pick(["auto", "auto", "linear"])
     if always and r.flip():
         start = always[r.part(len(always) - 1, [0.5, 0.0, 1.0, 0.25])]
     return {"spec": spec, "mask": mask, "k": k, "k_kind": r.pick(COUNT_KINDS),
@@ -397,7 +405,7 @@ def greedy_cases(r, finite_only=False, duplicates=None, layouts=LAYOUTS):
 
 def run_greedy(case, x, be):
     start = case["start"]
-    if start != "auto":
+    if not isinstance(start, str):
         start = as_count(start, case["start_kind"])
     return ops.greedy_select(x, as_count(case["k"], case["k_kind"]), objective=case["objective"],
                              metric=case["metric"], mask=case["mask"], start=start, backend=be)
@@ -416,7 +424,8 @@ def check_greedy_case(case, batch_rows=True):
             for b in range(B):
                 bad = lower_copy_violation(x[b], None if mask is None else mask[b],
                                            idx[b].tolist(), case["objective"],
-                                           isinstance(case["start"], int))
+                                           isinstance(case["start"], int),
+                                           start_rule(case["objective"], case["start"]))
                 assert bad is None, (f"greedy_select[{be}] row {b} step {bad[0]} picks {bad[1]}, "
                                      f"but {bad[2]} is the same token with a lower index")
         if batch_rows:
@@ -1056,6 +1065,118 @@ def test_video_methods_properties(case):
         assert torch.equal(alone.indices[0], kept), b
 
 
+# =========================================================================== video ops
+def dpc_cases(r, finite_only=False):
+    spec = token_specs(r, specials=FINITE_SPECIALS if finite_only else SPECIALS,
+                       min_d=2 if finite_only else 1)
+    B, N = spec["B"], spec["N"]
+    mask = masks(r, B, N)
+    return {"spec": spec, "mask": mask, "C": r.part(candidate_count(mask, B, N)),
+            "k": r.pick([1, 2, 4, 5, 7, 300])}
+
+
+def check_dpc(r, B, N, C, mask, what):
+    assert r.centers.shape == (B, C) and r.centers.dtype == torch.long, what
+    assert r.assign.shape == (B, N) and r.assign.dtype == torch.long, what
+    for b in range(B):
+        cand = torch.ones(N, dtype=torch.bool) if mask is None else mask[b]
+        centers = r.centers[b].tolist()
+        assert len(set(centers)) == C and all(0 <= c < N and cand[c] for c in centers), \
+            f"{what}: centers {centers} not unique candidates"
+        assert ((r.assign[b] >= 0) == (cand & (C > 0))).all() and (r.assign[b] < C).all(), \
+            f"{what}: assign {r.assign[b].tolist()}"
+        assert r.assign[b, r.centers[b]].tolist() == list(range(C)), f"{what}: a centre's slot"
+        for f in (r.density, r.delta, r.score):
+            assert f.dtype == torch.float32 and (f[b][~cand] == 0).all(), what
+
+
+@fuzz(30)
+@given(case=cases(dpc_cases))
+def test_dpc_knn_properties(case):
+    """Any input (NaN, ±Inf, huge, tiny, zero tokens, duplicates, layouts, masks, k above N):
+    unique candidate centres, each in its own slot, every candidate assigned, -1 elsewhere,
+    inputs untouched, a batch row as the row alone; on finite inputs the reference's centres and
+    assignment on every backend."""
+    x, mask, C, k = make_tokens(case["spec"]), case["mask"], case["C"], case["k"]
+    B, N, D = x.shape
+    out = run_all(lambda be: ops.dpc_knn(x, C, k=k, mask=mask, backend=be),
+                  backends_for(N, D), x, mask)
+    for be, r in out.items():
+        check_dpc(r, B, N, C, mask, f"dpc_knn[{be}]")
+        for b in range(B):
+            alone = ops.dpc_knn(x[b:b + 1], C, k=k, mask=row(mask, b), backend=be)
+            assert torch.equal(alone.centers[0], r.centers[b]), f"dpc_knn[{be}] row {b}"
+        if eligible_for_equality(x):
+            want = out["reference"]
+            assert torch.equal(r.centers, want.centers), f"dpc_knn[{be}] centers"
+            assert torch.equal(r.assign, want.assign), f"dpc_knn[{be}] assign"
+            torch.testing.assert_close(r.delta, want.delta, rtol=1e-4, atol=1e-5)
+
+
+def merge_cases(r):
+    spec = token_specs(r, specials=FINITE_SPECIALS, b_choices=[1, 2, 3])
+    B, N = spec["B"], spec["N"]
+    return {"spec": spec, "mask": masks(r, B, N), "C": r.part(N),
+            "centers_seed": r.seed_value(), "given": r.flip(), "weights": r.flip(),
+            "metric": r.pick(["cosine", "l2"]), "include": r.flip(),
+            "blend": r.pick([None, 0.0, 0.3, 0.6, 1.0]), "rule": r.pick(["clamp", "fixed"])}
+
+
+@fuzz(25)
+@given(case=cases(merge_cases))
+def test_cluster_merge_properties(case):
+    """Finite tokens, any centres, assignment given or computed, weights, masks and blends:
+    indices are the centres, sizes the members' weight, every backend's tokens within a dtype
+    tolerance of the reference's, the input's dtype, inputs untouched."""
+    x, mask, C = make_tokens(case["spec"]), case["mask"], case["C"]
+    B, N, D = x.shape
+    g = _gen(case["centers_seed"])
+    centers = torch.stack([torch.randperm(N, generator=g)[:C] for _ in range(B)])
+    assign = torch.randint(-1, max(C, 1), (B, N), generator=g) if case["given"] and C else None
+    weights = torch.rand(B, N, generator=g) * (torch.rand(B, N, generator=g) > 0.2) \
+        if case["weights"] else None
+    kw = dict(metric=case["metric"], mask=mask, weights=weights,
+              include_centers=case["include"], blend=case["blend"], blend_rule=case["rule"])
+    out = run_all(lambda be: ops.cluster_merge(x, centers, assign, backend=be, **kw),
+                  backends_for(N, D), x, mask, centers, assign, weights)
+    want = out["reference"]
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-3
+    for be, r in out.items():
+        assert r.tokens.dtype == x.dtype and r.tokens.shape == (B, C, D), be
+        assert torch.equal(r.indices, centers), be
+        if case["given"] or D >= 2:
+            # (with D = 1 every cosine is ±1: a computed assignment is a rounding tie)
+            torch.testing.assert_close(r.sizes, want.sizes, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r.tokens.float(), want.tokens.float(), rtol=tol, atol=tol)
+
+
+def temporal_cases(r):
+    spec = token_specs(r, specials=SPECIALS, b_choices=[1, 2], n_choices=[8, 6, 1, 12])
+    T = r.pick([1, 2, 3, 4])
+    return {"spec": spec, "T": T, "fill": r.pick([-math.inf, 255.0, 0.0]),
+            "dycoke": r.flip()}
+
+
+@fuzz(20)
+@given(case=cases(temporal_cases))
+def test_temporal_similarity_properties(case):
+    """Any tokens (NaN and ±Inf give NaN, as the reference): every backend within 1e-5 of the
+    reference, the fill where a frame has no reference, inputs untouched."""
+    x = make_tokens(case["spec"])
+    B, N, D = x.shape
+    T = case["T"]
+    P = N // T if N >= T else 1
+    video = x[:, :T * P].reshape(B, T, P, D) if N >= T else x[:, :1].expand(B, T, 1, D)
+    ref = [-1 if t % 4 == 0 else (t - t % 4 if t % 4 < 3 else t - 1) for t in range(T)] \
+        if case["dycoke"] else None
+    out = run_all(lambda be: ops.temporal_similarity(video, reference=ref, fill=case["fill"],
+                                                     backend=be), backends_for(N, D), x)
+    for be, got in out.items():
+        assert got.shape == (B, T, P) and got.dtype == torch.float32, be
+        assert (got[:, 0] == case["fill"]).all(), be
+        torch.testing.assert_close(got, out["reference"], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 # =========================================================================== argument errors
 class WorkStarted(AssertionError):
     pass
@@ -1069,7 +1190,8 @@ def no_backend_work():
         mod = sys.modules.get(modname)
         if mod is None:
             continue
-        for op in ("mi_scores", "greedy_select", "gather_compact", "prune"):
+        for op in ("mi_scores", "greedy_select", "gather_compact", "prune", "dpc_knn",
+                   "dpc_knn_varlen", "cluster_merge", "temporal_similarity"):
             if hasattr(mod, op):
                 def spy(*a, _op=op, _m=modname, **k):
                     raise WorkStarted(f"{_m}.{_op} ran before the arguments were refused")
@@ -1124,7 +1246,53 @@ for _label, _v in BAD_COUNTS:
     _err(f"divprune-keep-{_label}", "k|keep")(
         lambda be, v=_v: divprune(_x(), v, backend=be))
 
+    _err(f"dpc-num_centers-{_label}", "num_centers")(
+        lambda be, v=_v: ops.dpc_knn(_x(), v, backend=be))
+    if _label not in ("negative",):
+        _err(f"dpc-k-{_label}", "k")(lambda be, v=_v: ops.dpc_knn(_x(), 2, k=v, backend=be))
+
 _err("greedy-k-too-large", "k")(lambda be: ops.greedy_select(_x(), N_ + 1, backend=be))
+_err("dpc-num_centers-over-N", "num_centers")(lambda be: ops.dpc_knn(_x(), N_ + 1, backend=be))
+_err("dpc-num_centers-over-candidates", "num_centers")(
+    lambda be: ops.dpc_knn(_x(), 3, mask=_mask_with([5, 2]), backend=be))
+_err("dpc-k-zero", "k")(lambda be: ops.dpc_knn(_x(), 2, k=0, backend=be))
+_err("dpc-mask-shape", "mask")(
+    lambda be: ops.dpc_knn(_x(), 2, mask=torch.ones(B_, N_ + 1, dtype=torch.bool), backend=be))
+_err("dpc-x-no-D", "x")(lambda be: ops.dpc_knn(_x(D=0), 2, backend=be))
+_err("dpc-varlen-num_centers-over-segment", "num_centers")(
+    lambda be: ops.dpc_knn_varlen(_x()[0], torch.tensor([0, 2, N_]), [3, 1], backend=be))
+_err("dpc-varlen-cu_seqlens", "cu_seqlens")(
+    lambda be: ops.dpc_knn_varlen(_x()[0], torch.tensor([0, 2, N_ + 1]), [1, 1], backend=be))
+_err("merge-centers-dtype", "centers")(
+    lambda be: ops.cluster_merge(_x(), torch.zeros(B_, 2), backend=be))
+_err("merge-centers-range", "centers")(
+    lambda be: ops.cluster_merge(_x(), torch.full((B_, 2), N_), backend=be))
+_err("merge-centers-repeated", "centers")(
+    lambda be: ops.cluster_merge(_x(), torch.zeros(B_, 2, dtype=torch.long), backend=be))
+_err("merge-assign-slot", "assign")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_), torch.full((B_, N_), 2),
+                                 backend=be))
+_err("merge-assign-shape", "assign")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_),
+                                 torch.zeros(B_, N_ - 1, dtype=torch.long), backend=be))
+_err("merge-weights-negative", "weights")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_), weights=-torch.ones(B_, N_),
+                                 backend=be))
+_err("merge-weights-nan", "weights")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_),
+                                 weights=torch.full((B_, N_), math.nan), backend=be))
+_err("merge-blend", "blend")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_), blend=-0.1, backend=be))
+_err("merge-blend-bool", "blend")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_), blend=True, backend=be))
+_err("merge-blend_rule", "blend_rule")(
+    lambda be: ops.cluster_merge(_x(), torch.tensor([[0, 1]] * B_), blend=0.5, blend_rule="max",
+                                 backend=be))
+_err("temporal-video-shape", "video")(lambda be: ops.temporal_similarity(_x(), backend=be))
+_err("temporal-reference-range", "reference")(
+    lambda be: ops.temporal_similarity(_x()[None], reference=[-1, 2], backend=be))
+_err("temporal-fill", "fill")(
+    lambda be: ops.temporal_similarity(_x()[None], fill=None, backend=be))
 _err("greedy-k-over-candidates", "k")(
     lambda be: ops.greedy_select(_x(), 3, mask=_mask_with([5, 2]), backend=be))
 _err("greedy-k-over-empty-row", "k")(

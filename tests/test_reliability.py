@@ -137,7 +137,7 @@ def test_counts_must_be_ints(value):
         with pytest.raises(TypeError, match="^stage1_keep must be an int"):
             ops.prune(x, t, 2, stage1_keep=value)
     if value is not None:
-        with pytest.raises(ValueError, match="^start must be 'auto' or an int"):
+        with pytest.raises(ValueError, match="^start must be 'auto', 'linear' or an int"):
             ops.greedy_select(x, 2, start=value)
 
 

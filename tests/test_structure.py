@@ -53,7 +53,8 @@ def test_every_triton_entry_point_is_device_guarded():
     entry = {"mi_scores": ["mi_scores"], "greedy": ["greedy_select"],
              "gather": ["gather_compact"], "prune": ["prune"],
              "holov": ["similarity_variance"], "prumerge": ["merge"],
-             "attention": ["received_attention"]}
+             "attention": ["received_attention"],
+             "video": ["dpc_knn", "dpc_knn_varlen", "cluster_merge", "temporal_similarity"]}
     for mod, names in entry.items():
         m = importlib.import_module(f"visprune.triton_kernels.{mod}")
         for name in names:

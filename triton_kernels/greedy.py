@@ -11,7 +11,8 @@ distances are never recomputed from scratch.  Two paths:
   Rows are processed in batch chunks so the workspace stays under GRAM_BUDGET_BYTES.
 * ``stream`` (large N): no N² buffer.  maxmin's start rule comes from the same tile kernel
   without the store; maxsum's is linear in a per-row summary (:func:`_maxsum_start_key`, N·D
-  work).  Each step is one launch of ``_greedy_step_kernel`` over blocks of N that computes
+  work), and so is ``start="linear"``, maxsum's rule for either objective
+  (:func:`_linear_start_key`; on the gram path too, in place of the tiles' key).  Each step is one launch of ``_greedy_step_kernel`` over blocks of N that computes
   ``d(i, s)`` on the fly from the tokens, updates ``run`` in memory and folds its block's
   (max, argmax) into one packed int64 per row with ``atomic_max``; the next launch reads that
   one value to find ``s`` (O(1) per program, whatever N).
@@ -29,6 +30,8 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 import triton
 import triton.language as tl
+
+from visprune.common import segment_ids
 
 from .mi_scores import text_summary, token_stats
 from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, cosine,
@@ -343,8 +346,11 @@ def _select_gram(x, k, objective, metric, cand, start, norms, out):
         dist = torch.empty(nB, N, N, dtype=torch.float32, device=x.device)
         part = torch.empty(nB, num_splits, N, dtype=torch.float32, device=x.device)
         _start_pass(xb, nb, cb, part, dist, metric, objective, num_splits)
+        key, splits = part, num_splits
+        if start == "linear":
+            key, splits = _linear_start_key(xb, nb, cb, metric), 1
         _greedy_gram_kernel[(nB,)](
-            dist, cb if cb is not None else nb, part, out[sl], nb, nb, nb, N, k, num_splits,
+            dist, cb if cb is not None else nb, key, out[sl], nb, nb, nb, N, k, splits,
             start if isinstance(start, int) else 0, OBJ=OBJECTIVES[objective],
             HAS_MASK=cb is not None, AUTO=not isinstance(start, int), IS_VARLEN=False,
             BLOCK=BLOCK, num_warps=warps(BLOCK))
@@ -359,6 +365,8 @@ def _select_gram_varlen(x, rows, objective, metric, cand, start, norms, out):
     dist = torch.empty(max(rows.sum_sq, 1), dtype=torch.float32, device=x.device)
     part = torch.empty(num_splits * T, dtype=torch.float32, device=x.device)
     _start_pass(x, norms, cand, part, dist, metric, objective, num_splits, rows)
+    if start == "linear":
+        part, num_splits = _linear_start_key(x, norms, cand, metric, rows), 1
     _greedy_gram_kernel[(rows.B,)](
         dist, cand if cand is not None else norms, part, out, rows.cu, rows.ck, rows.doff, T, 0,
         num_splits, start if isinstance(start, int) else 0, OBJ=OBJECTIVES[objective],
@@ -383,6 +391,28 @@ def _maxsum_start_key(x, norms, cand, metric):
     return torch.where(finite & (key > 0), key, 0.0)[:, None, :]
 
 
+def _linear_start_key(x, norms, cand, metric, rows: Optional[Packed] = None):
+    """``start="linear"``'s key, flat (``[B·N]``, or ``[T]`` packed): maxsum's start key for
+    either objective, from each row's summary (:func:`_maxsum_start_key`; packed, the same
+    formulas with segment sums), O(N·D) where maxmin's own start rule needs every pair."""
+    if rows is None:
+        return _maxsum_start_key(x, norms, cand, metric).reshape(-1)
+    T = x.shape[0]
+    seg = segment_ids(rows.cu, torch.arange(T, device=x.device))
+    finite = norms > 0 if metric == "cosine" else torch.isfinite(norms)
+    use = finite if cand is None else finite & (cand != 0)
+    y = x.float() * norms[:, None] if metric == "cosine" else x.float()
+    y = torch.where(use[:, None], y, 0.0)
+    total = torch.zeros(rows.B, x.shape[1], device=x.device).index_add_(0, seg, y)
+    count = torch.zeros(rows.B, device=x.device).index_add_(0, seg, use.float())
+    mean = (total / count.clamp(min=1)[:, None])[seg]
+    if metric == "cosine":
+        key = 1.0 - (x.float() * norms[:, None] * mean).sum(-1)
+    else:
+        key = (x.float() - mean).square().sum(-1)
+    return torch.where(finite & (key > 0), key, 0.0).contiguous()
+
+
 def _select_stream(x, k, objective, metric, cand, start, norms, out,
                    rows: Optional[Packed] = None):
     """The stream path, dense (``x[B, N, D]``) or packed (``x[T, D]`` with ``rows``: a packed
@@ -398,7 +428,9 @@ def _select_stream(x, k, objective, metric, cand, start, norms, out,
     auto = not isinstance(start, int)
     part = torch.empty(tokens, dtype=torch.float32, device=dev)
     num_splits = 1
-    if auto and objective == "maxsum" and rows is None:
+    if start == "linear":
+        part = _linear_start_key(x, norms, cand, metric, rows)
+    elif auto and objective == "maxsum" and rows is None:
         part = _maxsum_start_key(x, norms, cand, metric)
     elif auto:      # maxmin's start needs every pair: tiles without a stored matrix
         num_splits = STREAM_SPLITS

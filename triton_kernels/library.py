@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from visprune import oplib
+from visprune.common import START_NAMES
 
-from . import attention, dpp, gather, greedy, mi_scores as _mi, prune as _prune
+from . import attention, dpp, gather, greedy, mi_scores as _mi, prune as _prune, video
 
 _NS = "visprune_triton"
 
@@ -26,7 +27,7 @@ def _mi_scores_op(visual: Tensor, text: Tensor, text_mask: Optional[Tensor], met
 @torch.library.custom_op(f"{_NS}::greedy_select", mutates_args=())
 def _greedy_select_op(x: Tensor, k: int, objective: str, metric: str, mask: Optional[Tensor],
                       start: int) -> Tensor:
-    return greedy.greedy_select(x, k, objective, metric, mask, "auto" if start < 0 else start)
+    return greedy.greedy_select(x, k, objective, metric, mask, START_NAMES.get(start, start))
 
 
 @torch.library.custom_op(f"{_NS}::gather_compact", mutates_args=())
@@ -60,7 +61,7 @@ def _dpp_map_op(x: Tensor, relevance: Tensor, k: int, mask: Optional[Tensor], ep
 def _greedy_select_varlen_op(x: Tensor, cu_seqlens: Tensor, k: List[int], objective: str,
                              metric: str, mask: Optional[Tensor], start: int) -> Tensor:
     return greedy.greedy_select_varlen(x, cu_seqlens, k, objective, metric, mask,
-                                       "auto" if start < 0 else start)
+                                       START_NAMES.get(start, start))
 
 
 @torch.library.custom_op(f"{_NS}::prune_varlen", mutates_args=())
@@ -77,6 +78,31 @@ def _gather_compact_varlen_op(x: Tensor, cu_seqlens: Tensor, index: Optional[Ten
     return gather.gather_compact_varlen(x, cu_seqlens, index, mask, sort)
 
 
+@torch.library.custom_op(f"{_NS}::dpc_knn", mutates_args=())
+def _dpc_knn_op(x: Tensor, num_centers: int, k: int,
+                mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return video.dpc_knn(x, num_centers, k, mask)
+
+
+@torch.library.custom_op(f"{_NS}::dpc_knn_varlen", mutates_args=())
+def _dpc_knn_varlen_op(x: Tensor, cu_seqlens: Tensor, num_centers: List[int], k: int,
+                       mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return video.dpc_knn_varlen(x, cu_seqlens, num_centers, k, mask)
+
+
+@torch.library.custom_op(f"{_NS}::cluster_merge", mutates_args=())
+def _cluster_merge_op(x: Tensor, centers: Tensor, assign: Optional[Tensor], metric: str,
+                      mask: Optional[Tensor], weights: Optional[Tensor], include_centers: bool,
+                      blend: Optional[float], blend_rule: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return video.cluster_merge(x, centers, assign, metric, mask, weights, include_centers, blend,
+                               blend_rule)
+
+
+@torch.library.custom_op(f"{_NS}::temporal_similarity", mutates_args=())
+def _temporal_similarity_op(video_: Tensor, reference: Optional[List[int]], fill: float) -> Tensor:
+    return video.temporal_similarity(video_, reference, fill)
+
+
 oplib.register(_NS)
 _ops = oplib.positional(_NS)
 mi_scores, greedy_select, gather_compact, prune, received_attention, dpp_map = (
@@ -84,3 +110,5 @@ mi_scores, greedy_select, gather_compact, prune, received_attention, dpp_map = (
     _ops.dpp_map)
 greedy_select_varlen, prune_varlen, gather_compact_varlen = (
     _ops.greedy_select_varlen, _ops.prune_varlen, _ops.gather_compact_varlen)
+dpc_knn, dpc_knn_varlen, cluster_merge, temporal_similarity = (
+    _ops.dpc_knn, _ops.dpc_knn_varlen, _ops.cluster_merge, _ops.temporal_similarity)

@@ -52,3 +52,5 @@ if _C is not None:
     holov_variance = torch.ops.visprune.holov_variance
     greedy_select_varlen, prune_varlen = _ops.greedy_select_varlen, _ops.prune_varlen
     gather_compact_varlen = _ops.gather_compact_varlen
+    dpc_knn, dpc_knn_varlen = _ops.dpc_knn, _ops.dpc_knn_varlen   # CPU only, as the two below
+    cluster_merge, temporal_similarity = _ops.cluster_merge, _ops.temporal_similarity

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .common import START_CODES
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # gather_compact copies rows of any of these; complex and float8 are refused (not every
 # backend can gather them, and nothing in visprune produces them).
@@ -196,7 +198,8 @@ def read(*values: torch.Tensor) -> list:
 
 
 def selection(x, k, objective, metric, mask, start, xname="x", kname="k"):
-    """Structural checks of greedy selection; returns ``(k, mask, start)``, start as int or -1."""
+    """Structural checks of greedy selection; returns ``(k, mask, start)``, start as an int
+    index or a code of :data:`visprune.common.START_CODES`."""
     B, N, _ = x.shape
     choice("objective", objective, ("maxmin", "maxsum"))
     choice("metric", metric, ("cosine", "l2"))
@@ -204,12 +207,13 @@ def selection(x, k, objective, metric, mask, start, xname="x", kname="k"):
     k = count(kname, k)
     if k > N:
         raise ValueError(f"{kname}={k} is larger than the number of candidate tokens (N={N})")
-    if isinstance(start, str) and start == "auto":
-        return k, mask, -1
+    if isinstance(start, str) and start in START_CODES:
+        return k, mask, START_CODES[start]
     try:
         start = integer("start", start)
     except TypeError:
-        raise ValueError(f"start must be 'auto' or an int index in [0, {N}), got {start!r}") from None
+        raise ValueError(f"start must be 'auto', 'linear' or an int index in [0, {N}), "
+                         f"got {start!r}") from None
     if not 0 <= start < N:
         raise ValueError(f"start={start} is out of range for N={N}")
     return k, mask, start
@@ -281,13 +285,21 @@ def gather_args(x, index, mask, sort, values: bool) -> None:
     if index.shape[0] != B:
         raise ValueError(f"index must have shape [B, K] with B={B}, got {tuple(index.shape)}")
     same_device("x", x, "index", index)
-    if index.numel() and values:
-        srt = index.sort(-1).values
-        lo, hi, dup = read(srt[:, 0].min(), srt[:, -1].max(), (srt[:, 1:] == srt[:, :-1]).any())
-        if lo < 0 or hi >= N:
-            raise ValueError(f"index has values in [{lo}, {hi}], expected [0, {N})")
-        if dup:
-            raise ValueError("index has duplicate entries within a row")
+    if values:
+        row_indices("index", index, N)
+
+
+def row_indices(name: str, index: torch.Tensor, N: int) -> None:
+    """Value check (one sync): the entries of ``index[B, K]`` lie in ``[0, N)``, none repeated
+    within a row."""
+    if index.numel() == 0:
+        return
+    srt = index.sort(-1).values
+    lo, hi, dup = read(srt[:, 0].min(), srt[:, -1].max(), (srt[:, 1:] == srt[:, :-1]).any())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"{name} has values in [{lo}, {hi}], expected [0, {N})")
+    if dup:
+        raise ValueError(f"{name} has duplicate entries within a row")
 
 
 QUERY_MODES = ("after", "span", "last")
@@ -405,19 +417,20 @@ def mask1d(name: str, mask, ref_name: str, ref: torch.Tensor) -> Optional[torch.
 
 
 def varlen_selection(x, cu, k, objective, metric, mask, start, xname="x", kname="k"):
-    """Structural checks of a varlen selection; returns ``(B, k list, mask, start int or -1)``."""
+    """Structural checks of a varlen selection; returns ``(B, k list, mask, start)``, start as
+    in :func:`selection`."""
     B = cu_seqlens(x, cu, xname)
     choice("objective", objective, ("maxmin", "maxsum"))
     choice("metric", metric, ("cosine", "l2"))
     mask = mask1d("mask", mask, xname, x)
     k = per_segment(kname, k, B)
-    if isinstance(start, str) and start == "auto":
-        return B, k, mask, -1
+    if isinstance(start, str) and start in START_CODES:
+        return B, k, mask, START_CODES[start]
     try:
         start = integer("start", start)
     except TypeError:
-        raise ValueError(f"start must be 'auto' or an int index local to each segment, "
-                         f"got {start!r}") from None
+        raise ValueError(f"start must be 'auto', 'linear' or an int index local to each "
+                         f"segment, got {start!r}") from None
     if start < 0:
         raise ValueError(f"start={start} must be >= 0 (an index local to each segment)")
     return B, k, mask, start
@@ -532,3 +545,110 @@ def varlen_gather_args(x, cu, index, mask, sort, values: bool) -> int:
     if values:
         varlen_values(x.shape[0], cu, index=index)
     return B
+
+
+# --------------------------------------------------------------------------- video ops
+def dpc_args(x, num_centers, k, mask, varlen_cu=None):
+    """Structural checks of DPC-kNN (``x`` already checked, ``[B, N, D]`` or packed ``[T, D]``
+    with ``varlen_cu``); returns ``(num_centers, k, mask)``: ``num_centers`` an int, or a list
+    of one per segment."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have D >= 1 (distances are scaled by 1/sqrt(D)), got shape "
+                         f"{tuple(x.shape)}")
+    k = integer("k", k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (the token itself is its first neighbour), got {k}")
+    if varlen_cu is not None:
+        B = cu_seqlens(x, varlen_cu)
+        return per_segment("num_centers", num_centers, B), k, mask1d("mask", mask, "x", x)
+    B, N, _ = x.shape
+    num_centers = count("num_centers", num_centers)
+    if num_centers > N:
+        raise ValueError(f"num_centers={num_centers} is larger than the number of candidate "
+                         f"tokens (N={N})")
+    return num_centers, k, bool_mask("mask", mask, "x", x, (B, N), "[B, N]")
+
+
+BLEND_RULES = ("clamp", "fixed")
+
+
+def merge_args(x, centers, assign, metric, mask, weights, include_centers, blend, blend_rule,
+               values: bool):
+    """``cluster_merge``'s checks (``x`` already checked); value checks (centres in range and
+    unique per row, slots in ``[-1, C)``, weights finite and >= 0) when ``values``.  Returns
+    ``(mask, blend)``, the blend as a Python float or None."""
+    B, N, _ = x.shape
+    if not isinstance(centers, torch.Tensor) or centers.dim() != 2 \
+            or centers.dtype not in INDEX_DTYPES:
+        got = (f"{centers.dtype} tensor of shape {tuple(centers.shape)}"
+               if isinstance(centers, torch.Tensor) else type(centers).__name__)
+        raise TypeError(f"centers must be an integer tensor of shape [B, C] and dtype "
+                        f"{dtype_names(INDEX_DTYPES)}, got {got}")
+    if centers.shape[0] != B or centers.shape[1] > N:
+        raise ValueError(f"centers must have shape [B, C] with B={B} and C <= N={N}, got "
+                         f"{tuple(centers.shape)}")
+    same_device("x", x, "centers", centers)
+    C = centers.shape[1]
+    choice("metric", metric, ("cosine", "l2"))
+    mask = bool_mask("mask", mask, "x", x, (B, N), "[B, N]")
+    flag("include_centers", include_centers)
+    choice("blend_rule", blend_rule, BLEND_RULES)
+    if blend is not None:
+        if isinstance(blend, (bool, np.bool_)) or not isinstance(blend, (int, float, np.integer,
+                                                                         np.floating)):
+            raise TypeError(f"blend must be a float in [0, 1] or None, got {type(blend).__name__}")
+        blend = float(blend)
+        if not 0.0 <= blend <= 1.0:
+            raise ValueError(f"blend must be in [0, 1], got {blend}")
+    tests = []
+    if assign is not None:
+        if not isinstance(assign, torch.Tensor) or assign.dtype not in INDEX_DTYPES:
+            got = assign.dtype if isinstance(assign, torch.Tensor) else type(assign).__name__
+            raise TypeError(f"assign must be an integer tensor of shape [B, N], got {got}")
+        if tuple(assign.shape) != (B, N):
+            raise ValueError(f"assign must have shape [B, N] = {(B, N)}, got "
+                             f"{tuple(assign.shape)}")
+        same_device("x", x, "assign", assign)
+        if values and assign.numel():
+            tests.append(((assign < -1).any() | (assign >= C).any(),
+                          f"assign must hold centre slots in [-1, C={C}) (-1: not merged)"))
+    if weights is not None:
+        tensor("weights", weights, 2, "[B, N]")
+        if tuple(weights.shape) != (B, N):
+            raise ValueError(f"weights must have shape [B, N] = {(B, N)}, got "
+                             f"{tuple(weights.shape)}")
+        same_device("x", x, "weights", weights)
+        if values and weights.numel():
+            tests.append((~(torch.isfinite(weights) & (weights >= 0)).all(),
+                          "weights must be finite and >= 0"))
+    if values:
+        row_indices("centers", centers, N)
+        for bad, message in zip(read(*(t for t, _ in tests)) if tests else [], tests):
+            if bad:
+                raise ValueError(message[1])
+    return mask, blend
+
+
+def temporal_args(video, reference, fill) -> Optional[list]:
+    """``temporal_similarity``'s checks (``video`` already checked); returns the reference
+    frames as a list of ``T`` ints in ``[-1, T)`` (None: each frame's previous one)."""
+    T = video.shape[1]
+    if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.integer,
+                                                                   np.floating)):
+        raise TypeError(f"fill must be a float, got {type(fill).__name__}")
+    if reference is None:
+        return None
+    if isinstance(reference, torch.Tensor) and reference.dim() == 1 \
+            and reference.dtype in INDEX_DTYPES:
+        ref = [int(v) for v in reference.tolist()]
+    elif isinstance(reference, (list, tuple, np.ndarray)):
+        ref = [integer(f"reference[{i}]", v) for i, v in enumerate(reference)]
+    else:
+        raise TypeError(f"reference must be a sequence of T ints (the frame each frame is "
+                        f"compared with, -1 for none) or None, got {type(reference).__name__}")
+    if len(ref) != T:
+        raise ValueError(f"reference must have one entry per frame (T={T}), got {len(ref)}")
+    bad = [v for v in ref if not -1 <= v < T]
+    if bad:
+        raise ValueError(f"reference must hold frames in [-1, T={T}) (-1: none), got {bad[0]}")
+    return ref

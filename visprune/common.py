@@ -16,6 +16,10 @@ import torch
 EPS = 1e-12            # cos(a, b) = a·b / (max(|a|, EPS) · max(|b|, EPS)), as F.normalize
 NAN_COSINE = -3.0      # a NaN cosine ranks below every real one (|cos| <= 1), in index order
 HOLOV_EPS = 1e-6       # HoloV's ``x / (||x|| + 1e-6)`` and its ``+ 1e-6`` denominators
+# greedy_select's start as the compiled ops take it: an index >= 0, or one of these rules.
+START_AUTO, START_LINEAR = -1, -2
+START_CODES = {"auto": START_AUTO, "linear": START_LINEAR}
+START_NAMES = {code: name for name, code in START_CODES.items()}
 
 
 class PruneResult(NamedTuple):
@@ -28,6 +32,33 @@ class PruneResult(NamedTuple):
     tokens: torch.Tensor
     indices: torch.Tensor
     lengths: torch.Tensor
+
+
+class DPCResult(NamedTuple):
+    """Output of :func:`visprune.ops.dpc_knn` (DPC-kNN density-peak clustering).
+
+    ``centers[B, C]`` int64: the centre tokens, by descending ``score`` (ties → lowest index);
+    ``assign[B, N]`` int64: each token's centre slot ``0..C-1`` (-1: not a candidate, or
+    ``C == 0``); ``density``, ``delta``, ``score`` ``float32[B, N]``: ``ρ``, ``δ`` and ``ρ·δ``
+    (0 where not a candidate).  The varlen form returns the same fields packed: ``centers[ΣC]``
+    (global positions), the others ``[T]`` (``assign`` local to each segment's slots).
+    """
+
+    centers: torch.Tensor
+    assign: torch.Tensor
+    density: torch.Tensor
+    delta: torch.Tensor
+    score: torch.Tensor
+
+
+class MergeResult(NamedTuple):
+    """Output of :func:`visprune.ops.cluster_merge`: ``tokens[B, C, D]`` (the input's dtype),
+    ``indices[B, C]`` int64 (each merged token's anchor, i.e. ``centers``) and ``sizes[B, C]``
+    float32 (the weight merged into each: the member count without ``weights``)."""
+
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    sizes: torch.Tensor
 
 
 @contextlib.contextmanager

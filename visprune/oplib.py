@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .common import PruneResult
+from .common import START_CODES, PruneResult
 
 
 def _mi_scores_fake(visual, text, text_mask, metric):
@@ -62,6 +62,31 @@ def _holov_variance_fake(features, num_crops):
     return features.new_empty(features.shape[:2], dtype=torch.float32)
 
 
+def _dpc_knn_fake(x, num_centers, k, mask):
+    B, N, _ = x.shape
+    return (x.new_empty((B, num_centers), dtype=torch.long),
+            x.new_empty((B, N), dtype=torch.long),
+            *(x.new_empty((B, N), dtype=torch.float32) for _ in range(3)))
+
+
+def _dpc_knn_varlen_fake(x, cu_seqlens, num_centers, k, mask):
+    T = x.shape[0]
+    return (x.new_empty((sum(num_centers),), dtype=torch.long),
+            x.new_empty((T,), dtype=torch.long),
+            *(x.new_empty((T,), dtype=torch.float32) for _ in range(3)))
+
+
+def _cluster_merge_fake(x, centers, assign, metric, mask, weights, include_centers, blend,
+                        blend_rule):
+    B, C = centers.shape
+    return (x.new_empty((B, C, x.shape[2])), x.new_empty((B, C), dtype=torch.long),
+            x.new_empty((B, C), dtype=torch.float32))
+
+
+def _temporal_similarity_fake(video, reference, fill):
+    return video.new_empty(video.shape[:3], dtype=torch.float32)
+
+
 def _register_gather_grad(qualname: str, n_inputs: int) -> None:
     """Autograd of an op whose outputs start with ``(tokens[B, K, D], indices[B, K])`` gathered
     from its first input ``x[B, N, D]`` (``gather_compact``, ``prune``), or ``(tokens[K, D],
@@ -100,6 +125,10 @@ def register(ns: str, *, holov_variance: bool = False) -> None:
     torch.library.register_fake(f"{ns}::greedy_select_varlen")(_greedy_select_varlen_fake)
     torch.library.register_fake(f"{ns}::prune_varlen")(_prune_varlen_fake)
     torch.library.register_fake(f"{ns}::gather_compact_varlen")(_gather_compact_varlen_fake)
+    torch.library.register_fake(f"{ns}::dpc_knn")(_dpc_knn_fake)
+    torch.library.register_fake(f"{ns}::dpc_knn_varlen")(_dpc_knn_varlen_fake)
+    torch.library.register_fake(f"{ns}::cluster_merge")(_cluster_merge_fake)
+    torch.library.register_fake(f"{ns}::temporal_similarity")(_temporal_similarity_fake)
     _register_gather_grad(f"{ns}::gather_compact", 4)
     _register_gather_grad(f"{ns}::prune", 9)
     _register_gather_grad(f"{ns}::gather_compact_varlen", 5)
@@ -121,7 +150,7 @@ def positional(ns: str) -> SimpleNamespace:
         return ops.mi_scores(visual, text, text_mask, metric)
 
     def greedy_select(x, k, objective="maxmin", metric="cosine", mask=None, start="auto"):
-        return ops.greedy_select(x, k, objective, metric, mask, -1 if start == "auto" else start)
+        return ops.greedy_select(x, k, objective, metric, mask, START_CODES.get(start, start))
 
     def gather_compact(x, index=None, mask=None, sort=True):
         return ops.gather_compact(x, index, mask, sort)
@@ -144,7 +173,7 @@ def positional(ns: str) -> SimpleNamespace:
     def greedy_select_varlen(x, cu_seqlens, k, objective="maxmin", metric="cosine", mask=None,
                              start="auto"):
         return ops.greedy_select_varlen(x, cu_seqlens, list(k), objective, metric, mask,
-                                        -1 if start == "auto" else start)
+                                        START_CODES.get(start, start))
 
     def prune_varlen(visual, cu_seqlens, text, keep, stage1_keep, text_mask=None, mask=None,
                      mi_metric="l2", objective="maxsum", metric="cosine") -> PruneResult:
@@ -154,8 +183,24 @@ def positional(ns: str) -> SimpleNamespace:
     def gather_compact_varlen(x, cu_seqlens, index=None, mask=None, sort=True):
         return ops.gather_compact_varlen(x, cu_seqlens, index, mask, sort)
 
+    def dpc_knn(x, num_centers, k=5, mask=None):
+        return ops.dpc_knn(x, num_centers, k, mask)
+
+    def dpc_knn_varlen(x, cu_seqlens, num_centers, k=5, mask=None):
+        return ops.dpc_knn_varlen(x, cu_seqlens, list(num_centers), k, mask)
+
+    def cluster_merge(x, centers, assign=None, metric="l2", mask=None, weights=None,
+                      include_centers=True, blend=None, blend_rule="clamp"):
+        return ops.cluster_merge(x, centers, assign, metric, mask, weights, include_centers,
+                                 blend, blend_rule)
+
+    def temporal_similarity(video, reference=None, fill=float("-inf")):
+        return ops.temporal_similarity(video, reference, fill)
+
     return SimpleNamespace(mi_scores=mi_scores, greedy_select=greedy_select,
                            gather_compact=gather_compact, prune=prune,
                            received_attention=received_attention, dpp_map=dpp_map,
                            greedy_select_varlen=greedy_select_varlen, prune_varlen=prune_varlen,
-                           gather_compact_varlen=gather_compact_varlen)
+                           gather_compact_varlen=gather_compact_varlen, dpc_knn=dpc_knn,
+                           dpc_knn_varlen=dpc_knn_varlen, cluster_merge=cluster_merge,
+                           temporal_similarity=temporal_similarity)

@@ -17,16 +17,20 @@ still raise where they meet a bad value; Triton repeats in-range indices; the CU
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import checks
 from .backends import checked_name, module
-from .common import PruneResult, stage1_count, stage1_counts
+from .common import (START_NAMES, DPCResult, MergeResult, PruneResult, stage1_count,
+                     stage1_counts)
 
 __all__ = ["mi_scores", "greedy_select", "gather_compact", "prune", "received_attention",
-           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "PruneResult"]
+           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "dpc_knn",
+           "dpc_knn_varlen", "cluster_merge", "temporal_similarity", "PruneResult", "DPCResult",
+           "MergeResult"]
 
 def _values(validate: bool, backend: str) -> bool:
     """Whether to run the checks that read tensor values (see the module docstring).  While
@@ -69,8 +73,9 @@ def greedy_select(x: torch.Tensor, k: int, *, objective: str = "maxmin", metric:
         objective: ``"maxmin"`` (farthest point, DivPrune) or ``"maxsum"`` (TrimTokenator stage 2).
         metric: distance ``"cosine"`` (``1 - cos``) or ``"l2"`` (squared Euclidean).
         mask: optional ``bool[B, N]``: only True tokens are candidates.
-        start: ``"auto"`` (maxmin: the most isolated token; maxsum: the largest distance sum) or an
-            int index used for every row.
+        start: ``"auto"`` (maxmin: the most isolated token; maxsum: the largest distance sum),
+            ``"linear"`` (maxsum's rule for either objective: O(N·D) where maxmin's exact rule
+            needs every pair; see the README) or an int index used for every row.
         backend: see the module docstring.
         validate: run the checks that read tensor values (one sync); see the module docstring.
     """
@@ -79,8 +84,7 @@ def greedy_select(x: torch.Tensor, k: int, *, objective: str = "maxmin", metric:
     k, mask, start = checks.selection(x, k, objective, metric, mask, start)
     if _values(validate, name):
         checks.candidates(mask, k, start)
-    return module(name).greedy_select(x, k, objective, metric, mask,
-                                      "auto" if start < 0 else start)
+    return module(name).greedy_select(x, k, objective, metric, mask, START_NAMES.get(start, start))
 
 
 def gather_compact(x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
@@ -196,8 +200,8 @@ def greedy_select_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, k, *,
             segment needs 0.
         objective, metric: as :func:`greedy_select`.
         mask: optional ``bool[T]``: only True rows are candidates.
-        start: ``"auto"`` or an int index local to each segment (inside every segment with
-            ``k_b > 0``).
+        start: ``"auto"``, ``"linear"`` or an int index local to each segment (inside every
+            segment with ``k_b > 0``).
         backend: see the module docstring.
         validate: run the checks that read tensor values (one sync); see the module docstring.
     """
@@ -207,7 +211,7 @@ def greedy_select_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, k, *,
     if _values(validate, name):
         checks.varlen_values(x.shape[0], cu_seqlens, k, "k", mask, start, picks=k)
     return module(name).greedy_select_varlen(x, cu_seqlens, k, objective, metric, mask,
-                                             "auto" if start < 0 else start)
+                                             START_NAMES.get(start, start))
 
 
 def prune_varlen(visual: torch.Tensor, cu_seqlens: torch.Tensor, text: torch.Tensor, keep, *,
@@ -270,3 +274,127 @@ def gather_compact_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor,
                                                dtypes=checks.GATHER_DTYPES).device)
     checks.varlen_gather_args(x, cu_seqlens, index, mask, sort, _values(validate, name))
     return module(name).gather_compact_varlen(x, cu_seqlens, index, mask, sort)
+
+
+# --------------------------------------------------------------------------- video
+# Density-peak clustering, the cluster merge and the same-position similarity of frames (FastVID,
+# PruneVid, HoliTom, EVS, DyCoke).  The CUDA extension has no kernels for them: CUDA tensors run
+# the Triton ones.
+def _video_op(name: str, op: str):
+    if name == "cuda":
+        raise NotImplementedError(f"{op} has no kernel in the CUDA extension (visprune._C); use "
+                                  f"backend='triton' (the default for CUDA tensors) or "
+                                  f"'reference'")
+    return getattr(module(name), op)
+
+
+def dpc_knn(x: torch.Tensor, num_centers: int, *, k: int = 5,
+            mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+            validate: bool = True) -> DPCResult:
+    """Density-peak clustering (DPC-kNN, as FastVID, PruneVid and HoliTom compute it):
+    ``DPCResult(centers[B, C], assign[B, N], density, delta, score)``, without an ``N×N`` matrix.
+
+    Distances are Euclidean scaled by ``1/sqrt(D)`` (the originals' ``cdist / sqrt(D)``), exactly 0
+    between equal tokens.  Density ``ρ_i = exp(-mean of the k smallest squared distances of i)``
+    (itself, at 0, among them; all candidates when a row has fewer than ``k``); ``δ_i`` = the
+    distance to the nearest denser token, for the densest one the largest distance between any
+    two; the ``num_centers`` best scores ``ρ·δ`` are the centres (descending, ties → lowest
+    index), every token is assigned to its nearest centre (ties → lowest slot).  Deterministic:
+    where the originals add ``1e-6·rand`` to break density ties, a density tie goes to the lowest
+    index (denser).  See the README for the exact rule.
+
+    Args:
+        x: ``[B, N, D]`` tokens, ``D >= 1``.
+        num_centers: ``C``, ``0 <= C <=`` candidates of every row.
+        k: neighbours in the density, ``>= 1`` (FastVID 4, PruneVid and HoliTom 7).
+        mask: optional ``bool[B, N]``: only True tokens take part; the others get ``assign`` -1
+            and density, delta, score 0.
+        backend, validate: see the module docstring (the Triton path syncs anyway: the labels
+            of equal tokens come from ``torch.unique``, whose output size is data-dependent).
+    """
+    checks.tensor("x", x, 3, "[B, N, D]")
+    name = checked_name(backend, x.device)
+    num_centers, k, mask = checks.dpc_args(x, num_centers, k, mask)
+    if _values(validate, name):
+        checks.candidates(mask, num_centers, -1, what=f"num_centers={num_centers}")
+    return DPCResult(*_video_op(name, "dpc_knn")(x, num_centers, k, mask))
+
+
+def dpc_knn_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, num_centers, *, k: int = 5,
+                   mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                   validate: bool = True) -> DPCResult:
+    """:func:`dpc_knn` on every segment of a packed ``x[T, D]``: ``centers[ΣC]`` (global
+    positions, segment ``b``'s ``C_b`` at ``[cC[b], cC[b+1])`` in descending score), and
+    ``assign`` (slots local to the segment), ``density``, ``delta``, ``score`` ``[T]``; each
+    segment's result is that of the dense op on it alone.
+
+    Args:
+        x: ``[T, D]``; ``cu_seqlens`` as :func:`greedy_select_varlen`.
+        num_centers: an int for every segment or ``B`` ints, each at most the segment's
+            candidates.
+        k, mask (``bool[T]``), backend, validate: as :func:`dpc_knn`.
+    """
+    checks.tensor("x", x, 2, "[T, D]")
+    name = checked_name(backend, x.device)
+    num_centers, k, mask = checks.dpc_args(x, num_centers, k, mask, varlen_cu=cu_seqlens)
+    if _values(validate, name):
+        checks.varlen_values(x.shape[0], cu_seqlens, num_centers, "num_centers", mask)
+    return DPCResult(*_video_op(name, "dpc_knn_varlen")(x, cu_seqlens, num_centers, k, mask))
+
+
+def cluster_merge(x: torch.Tensor, centers: torch.Tensor, assign: Optional[torch.Tensor] = None,
+                  *, metric: str = "l2", mask: Optional[torch.Tensor] = None,
+                  weights: Optional[torch.Tensor] = None, include_centers: bool = True,
+                  blend: Optional[float] = None, blend_rule: str = "clamp",
+                  backend: Optional[str] = None, validate: bool = True) -> MergeResult:
+    """One merged token per centre: ``MergeResult(tokens[B, C, D], indices[B, C], sizes[B, C])``,
+    ``indices`` = the anchors (``centers``), ``tokens`` in ``x``'s dtype.
+
+    Slot ``c``'s members are the tokens with ``assign == c``; without ``assign``, every token
+    goes to its nearest centre by ``metric`` (``"l2"``: squared Euclidean, as DPC-kNN and
+    HoliTom; ``"cosine"``: FastVID), ties → lowest slot, each centre to its own slot.  Only
+    ``mask``-True tokens with weight > 0 are members, centres only with ``include_centers``.
+    ``n_c = Σ weights`` of the members (their count without ``weights``); the merged token is
+    their weighted mean, or with ``blend = β`` the anchor blend ``a·x[centers] + (1-a)·mean``
+    with ``a = max(β, 1/(n_c+1))`` (``blend_rule="clamp"``, FastVID's
+    ``clamp(1/(n+1), min=β)``) or ``a = β`` (``"fixed"``, HoliTom).  A slot without members
+    gives its anchor.  PruneVid: ``cluster_merge(x, r.centers, r.assign)`` of a
+    :func:`dpc_knn` result.
+
+    Args:
+        x: ``[B, N, D]`` tokens.
+        centers: integer ``[B, C]``, unique per row, in ``[0, N)``.
+        assign: optional integer ``[B, N]`` of slots in ``[-1, C)`` (-1: not merged).
+        weights: optional ``[B, N]`` finite weights ``>= 0``.
+        blend: None or ``β`` in ``[0, 1]``; blend_rule: ``"clamp"`` or ``"fixed"``.
+        backend, validate: see the module docstring (the value checks: centres, slots,
+            weights).
+    """
+    checks.tensor("x", x, 3, "[B, N, D]")
+    name = checked_name(backend, x.device)
+    mask, blend = checks.merge_args(x, centers, assign, metric, mask, weights, include_centers,
+                                    blend, blend_rule, _values(validate, name))
+    return MergeResult(*_video_op(name, "cluster_merge")(x, centers, assign, metric, mask,
+                                                         weights, include_centers, blend,
+                                                         blend_rule))
+
+
+def temporal_similarity(video: torch.Tensor, *, reference: Optional[Sequence[int]] = None,
+                        fill: float = -math.inf, backend: Optional[str] = None) -> torch.Tensor:
+    """``float32[B, T, P]``: cosine of each token to the token at the same spatial position
+    ``p`` in frame ``ref[t]`` (default the previous frame, ``t - 1``), read in one pass over
+    the two frames; ``fill`` where a frame has no reference (``ref[t] == -1``; frame 0 by default),
+    ``-inf`` by default: "nothing similar", so the token ranks as the most dissimilar (EVS keeps
+    frame 0 whole with its ``1 - cos = 255``).
+
+    Args:
+        video: ``[B, T, P, D]`` tokens (``P`` positions per frame).
+        reference: optional ``T`` ints in ``[-1, T)``: the frame each frame is compared with
+            (DyCoke's groups of four: ``[-1, 0, 0, 2, -1, 4, 4, 6, ...]``).
+        fill: the value where there is no reference.
+        backend: see the module docstring.
+    """
+    checks.tensor("video", video, 4, "[B, T, P, D]")
+    name = checked_name(backend, video.device)
+    reference = checks.temporal_args(video, reference, fill)
+    return _video_op(name, "temporal_similarity")(video, reference, float(fill))

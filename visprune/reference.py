@@ -22,10 +22,14 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .common import EPS, PruneResult, descending_order, stage1_count, topk_mask, true_fp32
+from .common import (EPS, DPCResult, MergeResult, PruneResult, descending_order, stage1_count,
+                     topk_mask, true_fp32)
 
 __all__ = ["mi_scores", "pairwise_distance", "greedy_select", "gather_compact", "prune",
-           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "received_attention", "PruneResult", "stage1_count", "descending_order", "topk_mask"]
+           "greedy_select_varlen", "prune_varlen", "gather_compact_varlen", "received_attention",
+           "dpc_distance", "dpc_knn", "dpc_knn_varlen", "nearest_center", "cluster_merge",
+           "temporal_similarity", "PruneResult", "DPCResult", "MergeResult", "stage1_count",
+           "descending_order", "topk_mask"]
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -105,7 +109,9 @@ def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: st
     ``maxmin``: next = ``argmax_{i∉S} min_{s∈S} d(i, s)``; ``maxsum``: ``argmax_{i∉S} Σ_{s∈S} d(i, s)``.
     ``start="auto"``: maxmin starts at ``argmax_i min_{j≠i} d(i, j)`` (the most isolated
     candidate; ``+inf`` when it is the only one), maxsum at ``argmax_i Σ_j d(i, j)`` (``j`` over the
-    candidates, ``d(i, i)`` included as computed, i.e. ~0).  An int starts every row there.
+    candidates, ``d(i, i)`` included as computed, i.e. ~0).  ``start="linear"``: maxsum's rule
+    for either objective (the kernels compute it in O(N·D) from the candidates' mean; here it is
+    the pairwise sum that defines it).  An int starts every row there.
     """
     B, N, _ = x.shape
     out = torch.empty(B, k, dtype=torch.long, device=x.device)
@@ -120,7 +126,7 @@ def greedy_select(x: torch.Tensor, k: int, objective: str = "maxmin", metric: st
         s = torch.full((B,), start, dtype=torch.long, device=x.device)
     else:
         pair = cand[:, :, None] & cand[:, None, :]
-        if objective == "maxmin":
+        if objective == "maxmin" and start == "auto":
             eye = torch.eye(N, dtype=torch.bool, device=x.device)
             key = dist.masked_fill(~pair | eye, math.inf).min(-1).values
         else:
@@ -280,3 +286,155 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, start: Union[int, torch
     cols = (start[:, None] + torch.arange(length, device=dev))[:, None, :].expand(B, L, length)
     received = torch.where(rows[..., None], per_row.gather(2, cols), 0.0)
     return received.sum(1).float()
+
+
+# --------------------------------------------------------------------------- video: DPC-kNN, merge
+def dpc_distance(x: torch.Tensor) -> torch.Tensor:
+    """``float32[B, N, N]``: DPC-kNN's squared Euclidean distances, :func:`pairwise_distance`'s
+    ``"l2"`` (not yet divided by ``D``) and exactly 0 between tokens that are equal element for
+    element (a token and itself included), which rounding of the expanded square would miss."""
+    B, N, D = x.shape
+    d = pairwise_distance(x, "l2")
+    if B * N == 0:
+        return d
+    same = torch.unique(_fp32(x).reshape(B * N, D), dim=0, return_inverse=True)[1].reshape(B, N)
+    return d.masked_fill(same[:, :, None] == same[:, None, :], 0.0)
+
+
+def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5,
+            mask: Optional[torch.Tensor] = None) -> DPCResult:
+    """Density-peak clustering (DPC-kNN) on the full ``[B, N, N]`` matrix; see ``README.md``.
+
+    With ``e(i, j)`` the :func:`dpc_distance` and ``n`` the candidates of a row:
+    ``m_i`` = the sum, in ascending order, of the ``min(k, n)`` smallest ``e(i, j)`` over the
+    candidates ``j`` (``e(i, i) = 0`` among them), divided by ``min(k, n)·D``; density
+    ``ρ_i = exp(-m_i)``; ``j`` is denser than ``i`` when ``m_j < m_i``, or ``m_j == m_i`` and
+    ``j < i``; ``δ_i = sqrt(min_{j denser} e(i, j) / D)``, for the densest candidate
+    ``sqrt(max_{j, l} e(j, l) / D)``; score ``ρ·δ``; the ``num_centers`` best scores (ties → lowest
+    index, NaN last) are the centres; each candidate goes to its nearest centre (ties → lowest
+    slot), each centre to its own slot.
+    """
+    B, N, D = x.shape
+    dev = x.device
+    cand = torch.ones(B, N, dtype=torch.bool, device=dev) if mask is None else mask
+    dist = dpc_distance(x)
+    pair = cand[:, :, None] & cand[:, None, :]
+    keff = cand.sum(-1).clamp(max=k)
+    near = dist.masked_fill(~pair, math.inf).sort(-1).values
+    s = torch.zeros(B, N, device=dev)
+    for t in range(min(k, N)):                      # ascending order, one term at a time
+        s = torch.where(t < keff[:, None], s + near[:, :, t], s)
+    m = s / (keff * D).clamp(min=1).float()[:, None]
+    idx = torch.arange(N, device=dev)
+    denser = cand[:, None, :] & ((m[:, None, :] < m[:, :, None])
+                                 | ((m[:, None, :] == m[:, :, None]) & (idx[None, :] < idx[:, None])))
+    top = dist.masked_fill(~pair, -math.inf).flatten(1).amax(-1) if N else dist.new_zeros(B)
+    e = torch.where(denser.any(-1), dist.masked_fill(~denser, math.inf).amin(-1), top[:, None])
+    zero = torch.zeros((), device=dev)
+    density = torch.where(cand, torch.exp(-m), zero)
+    delta = torch.where(cand, torch.sqrt(e / D), zero)
+    score = torch.where(cand, density * delta, zero)
+    centers = descending_order(score, cand)[:, :num_centers].contiguous()
+    assign = _nearest_slot(dist, centers, cand)
+    return DPCResult(centers, assign, density, delta, score)
+
+
+def _nearest_slot(dist: torch.Tensor, centers: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """``int64[B, N]``: the slot of the nearest centre by ``dist[B, N, N]`` (torch's argmin:
+    ties → lowest slot), each centre its own, -1 where ``cand`` is False or there is none."""
+    B, N, _ = dist.shape
+    C = centers.shape[1]
+    if C == 0:
+        return torch.full((B, N), -1, dtype=torch.long, device=dist.device)
+    assign = dist.gather(2, centers[:, None, :].expand(B, N, C)).argmin(-1)
+    assign.scatter_(1, centers, torch.arange(C, device=dist.device).expand(B, C).contiguous())
+    return torch.where(cand, assign, -1)
+
+
+def dpc_knn_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, num_centers, k: int = 5,
+                   mask: Optional[torch.Tensor] = None) -> DPCResult:
+    """:func:`dpc_knn` on each segment of a packed ``x[T, D]``: centres as global positions,
+    segments one after another (``num_centers[b]`` each), per-token fields ``[T]`` (``assign``
+    local to the segment's slots)."""
+    T = x.shape[0]
+    dev = x.device
+    assign = torch.full((T,), -1, dtype=torch.long, device=dev)
+    fields = [torch.zeros(T, device=dev) for _ in range(3)]
+    centers = [torch.empty(0, dtype=torch.long, device=dev)]
+    for (lo, hi), c in zip(_segments(cu_seqlens), num_centers):
+        if hi == lo:
+            continue
+        r = dpc_knn(x[None, lo:hi], c, k, _segment_mask(mask, lo, hi))
+        centers.append(r.centers[0] + lo)
+        assign[lo:hi] = r.assign[0]
+        for f, v in zip(fields, (r.density, r.delta, r.score)):
+            f[lo:hi] = v[0]
+    return DPCResult(torch.cat(centers), assign, *fields)
+
+
+def nearest_center(x: torch.Tensor, centers: torch.Tensor, metric: str = "l2",
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``int64[B, N]``: each token's nearest centre slot by :func:`pairwise_distance` (ties →
+    lowest slot), each centre its own slot, -1 where ``mask`` is False."""
+    B, N, _ = x.shape
+    cand = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask
+    return _nearest_slot(pairwise_distance(x, metric), centers.long(), cand)
+
+
+def cluster_merge(x: torch.Tensor, centers: torch.Tensor, assign: Optional[torch.Tensor] = None,
+                  metric: str = "l2", mask: Optional[torch.Tensor] = None,
+                  weights: Optional[torch.Tensor] = None, include_centers: bool = True,
+                  blend: Optional[float] = None, blend_rule: str = "clamp") -> MergeResult:
+    """One merged token per centre, computed in float64: ``MergeResult(tokens[B, C, D],
+    indices = centers, sizes[B, C])``; see ``README.md``.
+
+    Members of slot ``c``: the tokens with ``assign == c`` (:func:`nearest_center` by ``metric``
+    when ``assign`` is None), ``mask`` True and weight > 0, the centres themselves only with
+    ``include_centers``.  ``n_c = Σ w_j`` over them (``w = 1`` without ``weights``),
+    ``mean_c = Σ w_j x_j / n_c``.  ``blend=None``: the token is ``mean_c``; else
+    ``a·anchor + (1 - a)·mean_c`` with ``a = max(blend, 1/(n_c + 1))`` (``"clamp"``) or
+    ``a = blend`` (``"fixed"``).  A slot without members gives its anchor ``x[centers]``.
+    """
+    B, N, D = x.shape
+    C = centers.shape[1]
+    centers = centers.long()
+    if assign is None:
+        assign = nearest_center(x, centers, metric, mask)
+    else:
+        assign = assign.long()
+        if mask is not None:
+            assign = torch.where(mask, assign, -1)
+    w = torch.ones(B, N, dtype=torch.float64, device=x.device) if weights is None \
+        else weights.double()
+    member = (assign >= 0) & (w > 0)
+    if not include_centers:
+        member &= ~torch.zeros_like(member).scatter_(1, centers, True)
+    slot = torch.where(member, assign, C)
+    xs = x.double()
+    part = torch.where(member[..., None], xs * w[..., None], 0.0)
+    sums = xs.new_zeros(B, C + 1, D).scatter_add_(1, slot[..., None].expand(B, N, D), part)[:, :C]
+    size = xs.new_zeros(B, C + 1).scatter_add_(1, slot, torch.where(member, w, 0.0))[:, :C]
+    anchor = xs.gather(1, centers[..., None].expand(B, C, D))
+    full = (size > 0)[..., None]
+    mean = torch.where(full, sums / size.clamp(min=1e-300)[..., None], anchor)
+    if blend is None:
+        out = mean
+    else:
+        a = torch.full_like(size, float(blend))
+        if blend_rule == "clamp":
+            a = torch.maximum(a, 1.0 / (size + 1.0))
+        a = torch.where(full[..., 0], a, 1.0)[..., None]
+        out = a * anchor + (1.0 - a) * mean
+    return MergeResult(out.to(x.dtype), centers.clone(), size.float())
+
+
+def temporal_similarity(video: torch.Tensor, reference=None,
+                        fill: float = -math.inf) -> torch.Tensor:
+    """``float32[B, T, P]``: ``cos(video[b, t, p], video[b, ref[t], p])`` with ``ref[t] = t - 1``
+    (or ``reference[t]``); ``fill`` where ``ref[t] < 0`` (frame 0 by default)."""
+    B, T, P, D = video.shape
+    ref = torch.arange(T, device=video.device) - 1 if reference is None \
+        else torch.as_tensor(reference, device=video.device).long()
+    y = _normalize(video)
+    sim = (y * y[:, ref.clamp(min=0)]).sum(-1)
+    return torch.where(ref[None, :, None] >= 0, sim, torch.tensor(float(fill), device=video.device))

@@ -857,7 +857,8 @@ void alive_batches(const std::vector<uint8_t>& alive, int64_t lo, int64_t hi, co
 }
 
 // Greedy selection over one batch row (`row`, for messages): `cand` lists the candidate tokens
-// ascending; writes k indices to out in selection order.  Raises ValueError when the row holds
+// ascending; writes k indices to out in selection order.  start: an index, -1 for the
+// objective's own rule ("auto"), -2 for maxsum's rule whatever the objective ("linear").  Raises ValueError when the row holds
 // fewer than need.value candidates (need.value >= k) or `start` is not one of them.
 void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Objective obj,
                 int64_t start, Count need, int64_t row, bool parallel, int64_t* out) {
@@ -869,7 +870,8 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
   // kGram) and it fits (uninitialised: only the triangle is written and read).
   std::unique_ptr<float[]> stored;
   float* dist = nullptr;
-  const bool all_pairs = start < 0 && obj == Objective::kMaxMin;  // the start rule needs every pair
+  // maxmin's own start rule needs every pair; "linear" (-2) takes maxsum's, from a summary
+  const bool all_pairs = start == -1 && obj == Objective::kMaxMin;
   const bool blas_ok = blas_is_fp32();
   const Strategy plan = choose_strategy(c, k, all_pairs, blas_ok);
   const bool fits = c * c <= kMaxStoredDistances;
@@ -883,7 +885,7 @@ void greedy_row(const Rows& X, const std::vector<int64_t>& cand, int64_t k, Obje
     TORCH_CHECK_VALUE(sp < c && cand[sp] == start, "start=", start,
                       " is not a candidate (mask is False there) in row ", row);
     if (dist) all_distances(X, cand, parallel, dist, plan);
-  } else if (obj == Objective::kMaxMin) {
+  } else if (all_pairs) {
     sp = argmax(plan == Strategy::kTiles || !blas_ok ? nearest_distances(X, cand, parallel, dist)
                 : dist                  ? blas_distances(X, cand, parallel, dist, true)
                                         : blas_nearest(X, cand, parallel));
@@ -1471,6 +1473,18 @@ void mi_tokens(const float* v, int64_t n, const float* t, int64_t M, const bool*
                Metric metric, int64_t row, bool parallel, float* out) {
   mi_row(Rows{v, nullptr, D, metric}, Rows{t, nullptr, D, metric}, tmask, n, M, row, parallel,
          out);
+}
+
+float canonical_dot(const float* a, const float* b, int64_t D) { return dot(a, b, D); }
+
+bool blas_fp32() { return blas_is_fp32(); }
+
+bool avx512() {
+#ifdef VISPRUNE_X86
+  return isa() == Isa::kAvx512;
+#else
+  return false;
+#endif
 }
 
 const Kernels& kernels() {

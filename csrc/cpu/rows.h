@@ -24,5 +24,12 @@ void greedy_tokens(const float* y, const float* sq, int64_t n, int64_t D, Metric
 void mi_tokens(const float* v, int64_t n, const float* t, int64_t M, const bool* tmask, int64_t D,
                Metric metric, int64_t row, bool parallel, float* out);
 
+// The helpers of kernels.cpp that video.cpp shares: the dot product whose result depends only on
+// the two vectors (dot_tile's lanes), whether at::mm on fp32 is true fp32 (torch's matmul
+// precision not lowered), and whether this process runs the AVX-512 kernels (VISPRUNE_CPU_ISA).
+float canonical_dot(const float* a, const float* b, int64_t D);
+bool blas_fp32();
+bool avx512();
+
 }  // namespace cpu
 }  // namespace visprune

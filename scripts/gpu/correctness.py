@@ -181,6 +181,22 @@ def _cases() -> List[Case]:
         i["packed"], i["cu"], i["seg_index"], backend=b))
     case("gather_compact_varlen", "mask", lambda i, b: ops.gather_compact_varlen(
         i["packed"], i["cu"], mask=i["seg_mask"], backend=b))
+    case("dpc_knn", "k=7", lambda i, b: ops.dpc_knn(i["visual"], i["shape"].k, k=7, backend=b))
+    case("dpc_knn", "k=4 mask", lambda i, b: ops.dpc_knn(
+        i["visual"], i["shape"].k, k=4, mask=i["mask"], backend=b))
+    case("dpc_knn_varlen", "k=7", lambda i, b: ops.dpc_knn_varlen(
+        i["packed"], i["cu"], i["seg_k"], k=7, backend=b))
+    case("cluster_merge", "cosine blend=0.6 clamp", lambda i, b: ops.cluster_merge(
+        i["visual"], i["index"], metric="cosine", blend=0.6, backend=b))
+    case("cluster_merge", "l2 others blend=0.6 fixed mask", lambda i, b: ops.cluster_merge(
+        i["visual"], i["index"], mask=i["mask"], include_centers=False, blend=0.6,
+        blend_rule="fixed", backend=b))
+    case("cluster_merge", "assign weights", lambda i, b: ops.cluster_merge(
+        i["visual"], i["index"], (i["visual"][..., 0] > 0).long() * (i["shape"].k - 1),
+        weights=i["attn"], backend=b))
+    case("temporal_similarity", "", lambda i, b: ops.temporal_similarity(
+        i["visual"][:, :i["shape"].N // 4 * 4].reshape(i["shape"].B, 4, i["shape"].N // 4, -1),
+        backend=b))
 
     def cls_attn(i):
         return methods.prumerge_cls_attention(*i["qk_clip"])
@@ -234,7 +250,7 @@ CASES = _cases()
 
 def functions() -> List[str]:
     """What must be covered: every op and every method visprune exports."""
-    return ([n for n in ops.__all__ if n != "PruneResult"]
+    return ([n for n in ops.__all__ if not n.endswith("Result")]
             # the methods' token counts are integer arithmetic, no tensors
             + [n for n in methods.__all__ if not n.endswith("_count")])
 

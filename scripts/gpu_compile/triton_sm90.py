@@ -61,6 +61,9 @@ HOLOV_CROPS = (16, 24, 64)          # the default, and crops of 24 and 9 tokens 
 ATTENTION_SHAPES = [("llava-1.5", 32, 32, 640, 128, 35, 576),
                     ("long-gqa", 28, 4, 8192, 128, 35, 576),
                     ("dh64", 16, 16, 2048, 64, 35, 576)]
+# The video ops: name, frames T, positions per frame P, hidden size D (FastVID / HoliTom on
+# LLaVA-OneVision: 196 pooled tokens per frame; Qwen2-0.5B's 896 and Qwen2-7B's 3584).
+VIDEO_SHAPES = [("video-32x196", 32, 196, 896), ("video-64x196", 64, 196, 3584)]
 PTXAS_ENTRY = re.compile(
     r"Compiling entry function '(?P<name>[^']+)'.*?"
     r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads"
@@ -225,7 +228,7 @@ def calls():
 
         paths = ["auto", "stream"] + (["gram"] if N <= gram_max_n else [])
         for objective, metric, m, start, path in itertools.product(
-                ("maxmin", "maxsum"), ("cosine", "l2"), (None, mask), ("auto", 0), paths):
+                ("maxmin", "maxsum"), ("cosine", "l2"), (None, mask), ("auto", 0, "linear"), paths):
             yield (f"greedy_select {tag} {objective} {metric} mask={m is not None} "
                    f"start={start} path={path}",
                    lambda objective=objective, metric=metric, m=m, start=start, path=path:
@@ -255,7 +258,8 @@ def calls():
         textv = torch.empty(len(lengths), M, D, dtype=dtype)
         vpaths = ["stream"] + (["gram"] if N <= gram_max_n else [])
         for objective, metric, m, start, path in itertools.product(
-                ("maxmin", "maxsum"), ("cosine", "l2"), (None, maskv), ("auto", 0), vpaths):
+                ("maxmin", "maxsum"), ("cosine", "l2"), (None, maskv), ("auto", 0, "linear"),
+                vpaths):
             yield (f"greedy_select_varlen {tag} {objective} {metric} mask={m is not None} "
                    f"start={start} path={path}",
                    lambda objective=objective, metric=metric, m=m, start=start, path=path:
@@ -294,6 +298,31 @@ def calls():
         kept = torch.cat([index, torch.full((1, 1), -1)], 1)      # with one padding row
         out = feats.new_zeros(1, kept.shape[1] + 1, CLIP_DIM)[:, :kept.shape[1]]
         yield (f"prumerge.merge {tag}", lambda: merge(keys, feats, attn, kept, out, neighbours=32))
+
+    video = importlib.import_module("visprune.triton_kernels.video")
+    for (shape, T, P, D), dtype in itertools.product(VIDEO_SHAPES, DTYPES):
+        N = T * P
+        x = torch.empty(1, N, D, dtype=dtype)
+        mask = torch.arange(N)[None] % 8 != 3
+        tag = f"{shape} {str(dtype).replace('torch.', '')}"
+        for k, m in itertools.product((4, 7), (None, mask)):
+            yield (f"dpc_knn {tag} k={k} mask={m is not None}",
+                   lambda k=k, m=m: video.dpc_knn(x, N // 10, k, m))
+        cu = torch.arange(0, N + 1, P)              # one segment per frame
+        yield (f"dpc_knn_varlen {tag} frames",
+               lambda cu=cu: video.dpc_knn_varlen(x[0], cu, [P // 4] * T, 7, None))
+        centers = torch.randperm(N)[None, :N // 10].contiguous()
+        weights = torch.empty(1, N)
+        for metric, m, w, blend, rule in itertools.product(
+                ("cosine", "l2"), (None, mask), (None, weights), (None, 0.6), ("clamp", "fixed")):
+            if blend is None and rule == "fixed":
+                continue
+            yield (f"cluster_merge {tag} {metric} mask={m is not None} weights={w is not None} "
+                   f"blend={blend} {rule}",
+                   lambda metric=metric, m=m, w=w, blend=blend, rule=rule:
+                   video.cluster_merge(x, centers, None, metric, m, w, True, blend, rule))
+        yield (f"temporal_similarity {tag}",
+               lambda: video.temporal_similarity(x.view(1, T, P, D), None, float("-inf")))
 
     for (shape, H, Hkv, L, dh, start, length), dtype in itertools.product(ATTENTION_SHAPES, DTYPES):
         q = torch.empty(1, H, L, dh, dtype=dtype)
