@@ -242,6 +242,15 @@ def _cases() -> List[Case]:
                                                            frames=video(i)[1], backend=b))
     case("dycoke", "frames", lambda i, b: methods.dycoke(video(i)[0], frames=video(i)[1],
                                                          backend=b))
+    # r = 0.5: a merged token in every anchor frame at the tiny shape's 6 tokens per frame
+    case("fastvid", "llava_onevision global_features frames", lambda i, b: methods.fastvid(
+        video(i)[0], i["attn"][:, :video(i)[0].shape[1] * video(i)[0].shape[2]].reshape(
+            video(i)[0].shape[:3]), global_features=video(i)[0].mean(2) + 1, r=0.5, c=3,
+        p=2, frames=video(i)[1], backend=b))
+    case("fastvid", "qwen2_5_vl frames", lambda i, b: methods.fastvid(
+        video(i)[0], i["attn"][:, :video(i)[0].shape[1] * video(i)[0].shape[2]].reshape(
+            video(i)[0].shape[:3]), variant="qwen2_5_vl", r=0.5, c=2, tau=0.0, ignore=0.5,
+        p=2, frames=video(i)[1], backend=b))
     return C
 
 

@@ -167,8 +167,8 @@ def _checked_per_frame(name: str, t, video: torch.Tensor, layout: str) -> None:
     checks.matching(name, t, "video", video, layout, 2)
 
 
-def fastvid(video: torch.Tensor, saliency: torch.Tensor,
-            global_features: Optional[torch.Tensor] = None, *, variant: str = ONEVISION,
+def fastvid(video: torch.Tensor, saliency: torch.Tensor, *,
+            global_features: Optional[torch.Tensor] = None, variant: str = ONEVISION,
             r: Optional[float] = None, c: int = 8, tau: Optional[float] = None,
             ignore: float = 0.95, d: float = 0.4, p: int = 4, beta: float = 0.6, k: int = 4,
             frames=None, backend: Optional[str] = None) -> PruneResult:
@@ -225,8 +225,10 @@ def fastvid(video: torch.Tensor, saliency: torch.Tensor,
     dev = video.device
 
     # DySeg: the original's operations in the features' dtype, its reductions over a
-    # contiguous G as on its packed [T, G] features
-    g = (video.mean(dim=2) if global_features is None else global_features).contiguous()
+    # contiguous G as on its packed [T, G] features (and the mean token over the tokens of a
+    # contiguous [P, D] frame, as on its packed video)
+    g = (video.contiguous().mean(dim=2) if global_features is None
+         else global_features).contiguous()
     g = g / g.norm(dim=-1, keepdim=True)
     sim = (g[:, :-1] * g[:, 1:]).sum(dim=-1)
 
