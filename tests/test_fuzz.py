@@ -51,9 +51,10 @@ from visprune import ops  # noqa: E402
 from visprune.backends import backend_status  # noqa: E402
 from visprune.methods import divprune, holov, prumerge, trimtokenator  # noqa: E402
 from visprune.methods import dycoke, dycoke_count, evs, evs_count  # noqa: E402
-from visprune.methods import vidcom2, vidcom2_count  # noqa: E402
+from visprune.methods import fastvid, vidcom2, vidcom2_count  # noqa: E402
 from visprune.methods import holov as holov_module  # noqa: E402
 
+import fastvid_originals  # noqa: E402
 import video_originals  # noqa: E402
 
 from helpers import (distance_matrix_literal, equal_count_mask, mi_scores_literal,  # noqa: E402
@@ -1065,6 +1066,95 @@ def test_video_methods_properties(case):
         assert torch.equal(alone.indices[0], kept), b
 
 
+def fastvid_cases(r):
+    T = r.pick([1, 2, 3, 4, 5, 6, 8, 9, 13])
+    P = r.pick([1, 3, 4, 6, 7, 9, 16, 20])
+    # half the examples continuous (no specials, copies or D = 1), compared with the original
+    clean = r.flip()
+    spec = token_specs(r, n_choices=[T * P], specials=() if clean else SPECIALS,
+                       duplicates=False if clean else None, min_d=2 if clean else 1)
+    frames = None
+    if spec["B"] and r.flip():
+        frames = [r.randint(1, T) for _ in range(spec["B"])]
+        frames = r.pick([frames, torch.tensor(frames), np.array(frames)])
+    return {"spec": spec, "T": T, "P": P, "frames": frames,
+            "variant": r.pick(["llava_onevision", "qwen2_5_vl"]),
+            "saliency": r.pick(["rand", "ties", "nan"]), "seed": r.seed_value(),
+            "global": r.pick([None, "float32", "same"]),
+            "kw": {"r": r.pick([0.1, 0.3, 0.5, 1.0, 0.0]), "c": r.pick([8, 1, 2]),
+                   "tau": r.pick([0.9, 0.84, -2.0, 2.0]), "ignore": r.pick([0.95, 0.5, 2.0]),
+                   "d": r.pick([0.4, 0.0, 1.0]), "p": r.pick([4, 1, 2]),
+                   "beta": r.pick([0.6, 0.0, 1.0]),
+                   "k": r.pick([4, 7] if clean else [4, 1, 2, 7])}}
+
+
+@fuzz(30)
+@given(case=cases(fastvid_cases))
+def test_fastvid_properties(case):
+    """FastVID on any tokens (specials, duplicates, layouts), saliency (ties, NaN), global
+    features or none, ragged frame counts and settings: per row unique ascending positions of
+    the row's real frames, -1 and zero tokens past its length, inputs untouched, the row's
+    result alone; on finite tokens every backend's positions (merged tokens within a dtype
+    tolerance); on finite continuous tokens (no specials or copies, D > 1, k > 2: no density
+    ties) the transliterated original's positions, one video at a time."""
+    spec, T, P, kw = case["spec"], case["T"], case["P"], case["kw"]
+    x = make_tokens(spec).unflatten(1, (T, P))
+    B, _, _, D = x.shape
+    g = _gen(case["seed"])
+    sal = torch.rand(B, T, P, generator=g)
+    if case["saliency"] == "ties":
+        sal = torch.round(4 * sal)
+    elif case["saliency"] == "nan" and sal.numel():
+        sal.view(-1)[torch.randint(0, sal.numel(), (3,), generator=g)] = math.nan
+    gf = None if case["global"] is None else torch.randn(B, T, 5, generator=g).to(
+        torch.float32 if case["global"] == "float32" else x.dtype)
+    frames = [T] * B if case["frames"] is None else [int(t) for t in case["frames"]]
+
+    def call(be, v=x, s=sal, f=gf, fr=case["frames"]):
+        return fastvid(v, s, global_features=f, variant=case["variant"], frames=fr, backend=be,
+                       **kw)
+
+    out = run_all(call, backends_for(T * P, D), x, sal, gf)
+    ref = out["reference"]
+    for be, res in out.items():
+        what = f"fastvid[{be}]"
+        L = res.indices.shape[1]
+        assert tuple(res.tokens.shape) == (B, L, D) and res.tokens.dtype == x.dtype, what
+        assert res.lengths.tolist() == [int((i >= 0).sum()) for i in res.indices], what
+        if eligible_for_equality(x.flatten(1, 2)):
+            assert torch.equal(res.indices, ref.indices), what
+            tol = 1e-5 if x.dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(res.tokens.float(), ref.tokens.float(), rtol=tol,
+                                       atol=tol)
+    clean = (not spec["specials"] and spec["n_distinct"] is None and D > 1 and kw["k"] > 2)
+    for b, t in enumerate(frames):
+        n = int(ref.lengths[b])
+        kept = ref.indices[b, :n]
+        assert bool(((kept >= 0) & (kept < t * P)).all()), (b, kept)
+        assert bool((kept[1:] > kept[:-1]).all()), (b, kept)
+        assert bool((ref.indices[b, n:] == -1).all()) and not bool(ref.tokens[b, n:].any())
+        alone = call(None, x[b:b + 1, :t], sal[b:b + 1, :t],
+                     None if gf is None else gf[b:b + 1, :t], None)
+        assert torch.equal(alone.indices[0], kept), b
+        if clean:
+            packed = x[b, :t].reshape(t * P, D).contiguous()
+            names = {"r": "fastvid_retention_ratio", "c": "fastvid_DySeg_c",
+                     "tau": "fastvid_DySeg_tau", "ignore": "fastvid_DySeg_ignore",
+                     "d": "fastvid_STPrune_d", "p": "fastvid_DTM_p", "beta": "fastvid_DTM_beta",
+                     "k": "knn"}
+            args = {names[n_]: v for n_, v in kw.items()}
+            if case["variant"] == "llava_onevision":
+                args.pop("fastvid_DySeg_ignore")
+                glob = packed.view(t, P, D).mean(1) if gf is None else gf[b, :t]
+                _, want = fastvid_originals.fastvid_llava_onevision(
+                    packed, sal[b, :t].reshape(-1), glob, t, dpc_dtype=torch.float64, **args)
+            else:
+                glob = packed.view(t, P, D).mean(1) if gf is None else gf[b, :t]
+                _, want = fastvid_originals.fastvid_qwen2_5_vl(
+                    packed, sal[b, :t], glob, t, dpc_dtype=torch.float64, **args)
+            assert kept.tolist() == want.tolist(), (b, t)
+
+
 # =========================================================================== video ops
 def dpc_cases(r, finite_only=False):
     spec = token_specs(r, specials=FINITE_SPECIALS if finite_only else SPECIALS,
@@ -1457,6 +1547,30 @@ for _label, _fn, _rate in (("evs", evs, 0.5), ("vidcom2", vidcom2, 0.5), ("dycok
                              ("float", torch.tensor([2.0, 1.0])), ("str", ["2", "1"])):
         _err(f"{_label}-frames-{_bad_label}", "frames")(
             lambda be, f=_fn, v=_rate, fr=_bad: f(_V, v, frames=fr, backend=be))
+
+_S = torch.rand(2, 2, 3)                                         # FastVID's saliency of _V
+for _bad_label, _bad in (("one", 1.5), ("negative", -0.25), ("nan", float("nan")), ("str", "0.5"),
+                         ("bool", True), ("tensor", torch.tensor(0.5))):
+    for _arg in ("r", "d", "beta"):
+        _err(f"fastvid-{_arg}-{_bad_label}", _arg)(
+            lambda be, a=_arg, v=_bad: fastvid(_V, _S, backend=be, **{a: v}))
+for _arg in ("tau", "ignore"):
+    _err(f"fastvid-{_arg}-nan", _arg)(
+        lambda be, a=_arg: fastvid(_V, _S, backend=be, **{a: float("nan")}))
+for _arg in ("c", "p", "k"):
+    for _bad_label, _bad in (("zero", 0), ("float", 2.0), ("bool", True)):
+        _err(f"fastvid-{_arg}-{_bad_label}", _arg)(
+            lambda be, a=_arg, v=_bad: fastvid(_V, _S, backend=be, **{a: v}))
+_err("fastvid-variant", "variant")(lambda be: fastvid(_V, _S, variant="llava", backend=be))
+_err("fastvid-video-3d", "video")(lambda be: fastvid(_V[0], _S, backend=be))
+_err("fastvid-video-int", "video")(lambda be: fastvid(_V.long(), _S, backend=be))
+_err("fastvid-saliency-shape", "saliency")(lambda be: fastvid(_V, _S[..., :2], backend=be))
+_err("fastvid-saliency-int", "saliency")(lambda be: fastvid(_V, _S.long(), backend=be))
+_err("fastvid-global_features-shape", "global_features")(
+    lambda be: fastvid(_V, _S, global_features=_S[:1], backend=be))
+_err("fastvid-global_features-no-channels", "global_features")(
+    lambda be: fastvid(_V, _S, global_features=_S[..., :0], backend=be))
+_err("fastvid-frames-over-T", "frames")(lambda be: fastvid(_V, _S, frames=[3, 2], backend=be))
 
 
 @pytest.mark.parametrize("call,name", ERRORS)
