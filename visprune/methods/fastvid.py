@@ -223,12 +223,13 @@ def fastvid(video: torch.Tensor, saliency: torch.Tensor, *,
     name = checked_name(backend, video.device)
     B, T, P, D = video.shape
     dev = video.device
+    # one copy of a strided video (for the mean token, the ops and the gather), none otherwise
+    video = video.contiguous()
 
     # DySeg: the original's operations in the features' dtype, its reductions over a
     # contiguous G as on its packed [T, G] features (and the mean token over the tokens of a
     # contiguous [P, D] frame, as on its packed video)
-    g = (video.contiguous().mean(dim=2) if global_features is None
-         else global_features).contiguous()
+    g = (video.mean(dim=2) if global_features is None else global_features).contiguous()
     g = g / g.norm(dim=-1, keepdim=True)
     sim = (g[:, :-1] * g[:, 1:]).sum(dim=-1)
 
