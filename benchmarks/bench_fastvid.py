@@ -2,7 +2,7 @@
 time and peak memory.
 
     python benchmarks/bench_fastvid.py [--reps 10] [--json out.json] [--md out.md] [--quick]
-        [--shapes 32x196x896 64x196x896 ...]
+        [--shapes 32x196x896 64x196x896 ...] [--threads N]
 
 Video shapes: ``T × P`` = 32 × 196 and 64 × 196 tokens (6,272 and 12,544), ``D`` = 896
 (Qwen2-0.5B-sized) and 3584 (LLaVA-OneVision-7B / Qwen2.5-VL-7B), one video, fp32 on CPU.  The
@@ -74,7 +74,10 @@ def main(argv=None):
     parser.add_argument("--md", help="write the table as markdown here")
     parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
     parser.add_argument("--shapes", nargs="+", help="TxPxD shapes instead of the default four")
+    parser.add_argument("--threads", type=int, help="torch's thread count (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = QUICK if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]

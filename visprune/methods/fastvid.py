@@ -41,8 +41,8 @@ anchor's position (the model gives it the anchor's position ids, as the original
 Inputs.  ``video[B, T, P, D]``: the tokens the LLM receives (LLaVA-OneVision: the pooled
 projector features, ``P = 196``; Qwen2.5-VL: the merged visual tokens).  ``saliency[B, T, P]``:
 per token (LLaVA-OneVision: the attention weights of SigLIP's attention-pooling head, bilinearly
-pooled like the features; Qwen2.5-VL: the last vision block's attention received, mean over heads
-and queries).  ``global_features[B, T, G]``: per frame (LLaVA-OneVision: that head's pooled
+pooled like the features; Qwen2.5-VL: in the last vision block, the attention of each frame's
+mean query to each merged token's mean key, softmax over the frame, mean over heads).  ``global_features[B, T, G]``: per frame (LLaVA-OneVision: that head's pooled
 output); ``None`` takes each frame's mean token, which is Qwen2.5-VL's definition.
 
 Parity.  On the same inputs the kept positions are the original's and the merged tokens agree
