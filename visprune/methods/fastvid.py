@@ -56,7 +56,9 @@ the original merges in the model's dtype).  Deviations:
 * Deterministic density peaks: where the original adds ``1e-6·rand`` to the density, a density
   tie goes to the lower index and the centres are the best scores with ties to the lowest index
   (the ops' rule).  On continuous inputs, where nothing ties within the noise, the original
-  with its noise gives the same result (tested).
+  with its noise gives the same result (tested).  Densities tie exactly, and the original's
+  noise decides, between copies of a token, for ``k = 2`` between two mutual nearest
+  neighbours, and for ``k = 1`` everywhere (every density is 1).
 * Where the original crashes, the least surprising result: DySeg with fewer frame pairs than
   ``c - 1`` cuts every pair (its ``topk`` fails); more anchors than a frame has non-salient
   tokens takes them all; no anchors (``n = 0``) merges nothing (its ``argmax`` over no anchors
