@@ -1088,7 +1088,7 @@ def fastvid_cases(r):
                    "k": r.pick([4, 7] if clean else [4, 1, 2, 7])}}
 
 
-@fuzz(30)
+@fuzz(20)
 @given(case=cases(fastvid_cases))
 def test_fastvid_properties(case):
     """FastVID on any tokens (specials, duplicates, layouts), saliency (ties, NaN), global
