@@ -4,10 +4,10 @@ NeurIPS 2025; github LunarShen/FastVID), the pruning before the LLM's first laye
 The original prunes one video at the start of the LLM's prefill, in two versions that differ
 beyond their inputs; ``variant`` picks one:
 
-* ``"llava_onevision"`` (``Qwen2Model.forward`` in its LLaVA-NeXT ``modeling_qwen2.py``; LLaVA-Video's
-  copy differs again and is not reproduced): with ``P`` tokens per frame,
-  ``retain = int(P·r)``, ``s = retain - int(retain·d)`` salient tokens and
-  ``n = retain - s`` context tokens per frame.
+* ``"llava_onevision"`` (``Qwen2Model.forward`` in its LLaVA-NeXT ``modeling_qwen2.py``;
+  LLaVA-Video's copy differs again and is not reproduced): with ``P`` tokens per frame,
+  ``retain = int(P·r)``, ``s = retain - int(retain·d)`` salient tokens and ``n = retain - s``
+  context tokens per frame.
 
   1. DySeg: ``sim[t] = ĝ_t·ĝ_{t+1}`` of the normalised global features (``g / ||g||``); a cut
      after frame ``t`` at the ``c - 1`` lowest ``sim`` (``torch.topk(largest=False)``) and
@@ -23,9 +23,9 @@ beyond their inputs; ``variant`` picks one:
      ``w = max(beta, 1/(m + 1))`` for ``m`` members: ``cluster_merge(..., metric="cosine",
      blend=beta)``.  A token is merged once for every anchor frame whose scope holds it.
 
-* ``"qwen2_5_vl"`` (``Qwen2_5_VLForConditionalGeneration.forward`` in its ``modeling_qwen2_5_vl.py``):
-  DySeg as above; then per segment of ``L`` frames a budget ``retain·L`` of which
-  ``max(int(retain·L·d), 1)`` are anchors.  A longer segment is cut again after every
+* ``"qwen2_5_vl"`` (``Qwen2_5_VLForConditionalGeneration.forward`` in its
+  ``modeling_qwen2_5_vl.py``): DySeg as above; then per segment of ``L`` frames a budget
+  ``retain·L`` of which ``max(int(retain·L·d), 1)`` are anchors.  A longer segment is cut again after every
   ``sim < ignore`` into ``V`` sub-segments; only the last frame of each takes tokens: the
   salient budget split evenly over them (the first ``remainder`` one more), the anchors split
   over ``ceil(V/p)`` groups and given to the sub-segments ``V-1, V-1-p, ...`` (at most ``P // 2``
@@ -42,8 +42,9 @@ Inputs.  ``video[B, T, P, D]``: the tokens the LLM receives (LLaVA-OneVision: th
 projector features, ``P = 196``; Qwen2.5-VL: the merged visual tokens).  ``saliency[B, T, P]``:
 per token (LLaVA-OneVision: the attention weights of SigLIP's attention-pooling head, bilinearly
 pooled like the features; Qwen2.5-VL: in the last vision block, the attention of each frame's
-mean query to each merged token's mean key, softmax over the frame, mean over heads).  ``global_features[B, T, G]``: per frame (LLaVA-OneVision: that head's pooled
-output); ``None`` takes each frame's mean token, which is Qwen2.5-VL's definition.
+mean query to each merged token's mean key, softmax over the frame, mean over heads).
+``global_features[B, T, G]``: per frame (LLaVA-OneVision: that head's pooled output); ``None``
+takes each frame's mean token, which is Qwen2.5-VL's definition.
 
 Parity.  On the same inputs the kept positions are the original's and the merged tokens agree
 within float32 rounding: DySeg's cosines, the ``topk`` of DySeg and of the saliency are the
