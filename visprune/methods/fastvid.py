@@ -25,13 +25,13 @@ beyond their inputs; ``variant`` picks one:
 
 * ``"qwen2_5_vl"`` (``Qwen2_5_VLForConditionalGeneration.forward`` in its
   ``modeling_qwen2_5_vl.py``): DySeg as above; then per segment of ``L`` frames a budget
-  ``retain·L`` of which ``max(int(retain·L·d), 1)`` are anchors.  A longer segment is cut
-  again after every ``sim < ignore`` into ``V`` sub-segments; only the last frame of each takes
-  tokens: the salient budget split evenly over them (the first ``remainder`` one more), the
-  anchors split over ``ceil(V/p)`` groups and given to the sub-segments ``V-1, V-1-p, ...`` (at
-  most ``P // 2`` each, and the salient count at most ``P`` minus them).  Salient tokens by ``topk`` per frame;
-  anchors = the frame's best density scores among its non-salient tokens, in position order.
-  Each anchor frame merges the segment's tokens that are neither salient nor its own anchors
+  ``retain·L`` of which ``max(int(retain·L·d), 1)`` are anchors.  A longer segment is cut again
+  after every ``sim < ignore`` into ``V`` sub-segments; only the last frame of each takes tokens:
+  the salient budget split evenly over them (the first ``remainder`` one more), the anchors split
+  over ``ceil(V/p)`` groups and given to the sub-segments ``V-1, V-1-p, ...`` (at most ``P // 2``
+  each, and the salient count at most ``P`` minus them).  Salient tokens by ``topk`` per frame;
+  anchors = the frame's best density scores among its non-salient tokens, in position order. Each
+  anchor frame merges the segment's tokens that are neither salient nor its own anchors
   (``include_centers=False``: ``w = max(beta, 1/(m + 1))`` over the ``m`` others).
 
 Both return the salient tokens (the input's rows) and one merged token per anchor, sorted by
