@@ -5,7 +5,6 @@ whole, start-up and per-request refusals.  Run by scripts/vllm_check.sh in its o
 from __future__ import annotations
 
 import gc
-import json
 import os
 
 import numpy as np

@@ -32,8 +32,9 @@ from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _
     unit_budget
 
 __all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "VIDEO_METHODS",
-           "VideoMethod", "Settings", "settings", "Pruner", "QwenPruner", "VideoPruner", "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "EMBEDDING_METHODS",
-           "TEXT_FIELD", "text_hashes", "prompt_text"]
+           "VideoMethod", "Settings", "settings", "Pruner", "QwenPruner", "VideoPruner",
+           "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "EMBEDDING_METHODS", "TEXT_FIELD",
+           "text_hashes", "prompt_text"]
 
 # Fixed-budget pre-LLM methods: vLLM fixes each image's placeholder count before its encoder
 # runs, so the method must return exactly ``keep`` tokens whatever the image shows.
@@ -237,7 +238,8 @@ def _video_settings(method: str, keep, options: Dict[str, object]) -> Settings:
                          f"got {keep!r} ({type(keep).__name__})")
     if spec.rate in options:
         raise ValueError(f"visprune: {method}'s {spec.rate} is set by keep (the fraction of "
-                         f"each video's tokens kept); remove the option {spec.rate}={options[spec.rate]!r}")
+                         f"each video's tokens kept); remove the option "
+                         f"{spec.rate}={options[spec.rate]!r}")
     taken = set(inspect.signature(getattr(methods, method)).parameters)
     accepted = sorted(taken - _VIDEO_SUPPLIED - {spec.rate} - set(spec.fixed))
     unknown = sorted(set(options) - set(accepted))
