@@ -110,31 +110,37 @@ def _video_work(llm):
     llm.apply_model(setup)
     batched = llm.generate(requests, GREEDY)
     recorded = llm.apply_model(_recorded)[0]
-    alone, positions = [], []
+    alone, positions, steps = [], [], []
     for request in requests:
         seen["positions"].clear()
         alone += llm.generate([request], GREEDY)
-        positions.append(seen["positions"][0].cpu())        # the whole prompt in one step
+        # the prompt's positions: its prefill steps (one, or several chunks), then decoding
+        prefill = torch.cat([p.cpu() for p in seen["positions"]], 1)
+        positions.append(prefill[:, :len(alone[-1].prompt_token_ids)])
+        steps.append(len(seen["positions"]))
     image = llm.generate([_image_request()], GREEDY)[0]
-    return {"batched": batched, "alone": alone, "positions": positions, "recorded": recorded,
+    return {"batched": batched, "alone": alone, "positions": positions, "steps": steps,
+            "recorded": recorded,
             "features": seen["features"], "grids": seen["grids"], "image": image}
 
 
 @pytest.fixture(scope="module")
 def video_runs(qwen_path):
-    """``{(method, keep): _video_work's result}``, one engine per configuration."""
+    """``{(method, keep, chunk): _video_work's result}``, one engine per configuration
+    (``chunk``: tokens per step, ``None``: vLLM's default, each prompt in one step)."""
     cache = {}
 
-    def get(method, keep):
-        if (method, keep) not in cache:
+    def get(method, keep, chunk=None):
+        if (method, keep, chunk) not in cache:
             config = None if method is None else {"method": method, "keep": keep}
-            llm = _engine(qwen_path, config, enable_prefix_caching=False)
+            llm = _engine(qwen_path, config, enable_prefix_caching=False,
+                          max_num_batched_tokens=chunk)
             try:
-                cache[method, keep] = _video_work(llm)
+                cache[method, keep, chunk] = _video_work(llm)
             finally:
                 del llm
                 gc.collect()
-        return cache[method, keep]
+        return cache[method, keep, chunk]
 
     return get
 
@@ -166,15 +172,18 @@ def _expected_positions(unpruned_ids, unpruned_positions, pruned_ids, kept):
 VIDEO_RUNS = [("evs", 0.5), ("vidcom2", 0.4), ("dycoke", 0.5)]
 
 
-@pytest.mark.parametrize("method,keep", VIDEO_RUNS, ids=[f"{m}-{k}" for m, k in VIDEO_RUNS])
-def test_video_methods_prune_videos_at_their_original_positions(video_runs, method, keep):
+@pytest.mark.parametrize("method,keep,chunk", [(m, k, None) for m, k in VIDEO_RUNS] + [
+    ("evs", 0.5, 8)], ids=[f"{m}-{k}" for m, k in VIDEO_RUNS] + ["evs-0.5-chunked"])
+def test_video_methods_prune_videos_at_their_original_positions(video_runs, method, keep,
+                                                                 chunk):
     """Each video keeps the method's tokens of the merged tokens vLLM computed (EVS and VidCom2:
     exactly vLLM's own ``compute_retention_mask`` of that video), the prompt holds the method's
     count of placeholders, and every kept token (text and image tokens too) reaches the first
-    decoder layer at the position unpruned vLLM gives it in the unpruned prompt; one prompt alone
-    generates what it generates in the batch."""
+    decoder layer at the position unpruned vLLM gives it in the unpruned prompt (also with the
+    prefill split into 8-token chunks, inside the videos); one prompt alone generates what it
+    generates in the batch."""
     unpruned = video_runs(None, None)
-    run = video_runs(method, keep)
+    run = video_runs(method, keep, chunk)
     rate = 1.0 - keep
     videos = [v for _, _, vs in VIDEO_PROMPTS for v in vs]
     assert len(run["features"]) == len(run["recorded"]) == len(videos)
@@ -197,6 +206,9 @@ def test_video_methods_prune_videos_at_their_original_positions(video_runs, meth
         expected = _expected_positions(before.prompt_token_ids, unpruned["positions"][i],
                                        after.prompt_token_ids, videos_here)
         assert torch.equal(run["positions"][i], expected)
+        # the prefill steps, then one per further token
+        prefill_steps = 1 if chunk is None else -(-len(after.prompt_token_ids) // chunk)
+        assert run["steps"][i] == prefill_steps + NEW_TOKENS - 1
         assert list(after.outputs[0].token_ids) == list(run["batched"][i].outputs[0].token_ids)
 
 

@@ -190,6 +190,8 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                                           torch.arange(w // merge), indexing="ij")).flatten(1)
 
     def _visprune_images(self, image_input, text_ids) -> List[torch.Tensor]:
+        """Each image's kept tokens (an image method's; all of them under a video method), at
+        their original positions."""
         grids = image_input["image_grid_thw"].tolist()
         video_method = isinstance(self.visprune, VideoPruner)
         pixels = image_input["type"] == "pixel_values" and not video_method
