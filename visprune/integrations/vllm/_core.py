@@ -92,7 +92,10 @@ class VideoMethod:
     depends on the video's content; it is refused at start-up with ``refused`` as the reason,
     since vLLM fixes each video's placeholder count before its encoder runs (padding the prompt
     to a bound would make the language model attend to tokens the method did not produce, and
-    truncating would change the method)."""
+    truncating would change the method).
+
+    A method that reads more than the merged tokens (e.g. a statistic of the vision tower's
+    attention) needs that input computed in the model's encoder step besides its entry."""
 
     rate: str
     count: Optional[Callable[..., int]]
