@@ -117,8 +117,8 @@ class VideoMethod:
 
 
 # The video methods on Qwen2.5-VL.  Their counts depend on the video's size only, so the
-# processor computes them; videos of other methods' kind (content-dependent counts) are entered
-# with count=None and a reason, and refused at start-up.
+# processor computes them; a method whose count depends on the content is entered with
+# count=None and a reason, and refused at start-up.
 VIDEO_METHODS: Dict[str, VideoMethod] = {
     "evs": VideoMethod(rate="q", count=methods.evs_count),
     "vidcom2": VideoMethod(rate="q", count=methods.vidcom2_count),
