@@ -66,9 +66,8 @@ def qwen_checkpoint(tmp_path_factory):
 
 def _engine(path, visprune_config=None, **kwargs):
     overrides = {"visprune": visprune_config} if visprune_config is not None else None
-    kwargs = {"dtype": "float32", **kwargs}
-    return LLM(model=path, enforce_eager=True, max_model_len=512, seed=0,
-               hf_overrides=overrides, **kwargs)
+    kwargs = {"dtype": "float32", "max_model_len": 512, **kwargs}
+    return LLM(model=path, enforce_eager=True, seed=0, hf_overrides=overrides, **kwargs)
 
 
 def _run(path, visprune_config, work, **kwargs):

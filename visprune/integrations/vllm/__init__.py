@@ -12,17 +12,23 @@ subclasses that prune only when the model's HF config has a ``visprune`` entry, 
 
     LLM(model=..., hf_overrides={"visprune": {"method": "trimtokenator", "keep": 64}})
 
+    LLM(model="Qwen/Qwen2.5-VL-7B-Instruct", hf_overrides={"visprune": {"method": "evs",
+                                                                         "keep": 0.25}})
+
 A model without that entry runs exactly as vLLM's own.  Supported: the fixed-budget pre-LLM
 methods (LLaVA: :data:`METHODS`, Qwen2.5-VL: :data:`QWEN_METHODS`, where ``keep`` may also be a
 float fraction of each image's tokens); adaptive and in-LLM methods, and on Qwen2.5-VL the
-merging ones, are refused at start-up (:data:`REFUSED`, :data:`QWEN_REFUSED_ALL`).
+merging ones, are refused at start-up (:data:`REFUSED`, :data:`QWEN_REFUSED_ALL`).  On
+Qwen2.5-VL the video methods of :data:`VIDEO_METHODS` (``keep``: the fraction of each video's
+tokens kept) prune videos and leave images whole.
 """
 from __future__ import annotations
 
 # no vLLM import here: the plugin loads cheaply
-from ._core import METHODS, QWEN_METHODS, QWEN_REFUSED_ALL, REFUSED  # noqa: F401
+from ._core import METHODS, QWEN_METHODS, QWEN_REFUSED_ALL, REFUSED, VIDEO_METHODS  # noqa: F401
 
-__all__ = ["register", "METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "ARCHITECTURES"]
+__all__ = ["register", "METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "VIDEO_METHODS",
+           "ARCHITECTURES"]
 
 # architecture name -> "module:class" (imported lazily by vLLM's registry)
 ARCHITECTURES = {

@@ -1,6 +1,7 @@
 """What every model family of the vLLM plugin shares: the ``visprune`` entry of the HF config,
 its checks at start-up, the prompt's text for text-conditioned methods, and the method call on
-the encoder step's images.
+the encoder step's images (:class:`Pruner`, :class:`QwenPruner`) or videos
+(:class:`VideoPruner`, the methods of :data:`VIDEO_METHODS`).
 
 The method calls are the transformers integrations' (:class:`PruningHandle`'s ``_call``,
 ``_prune_varlen`` and ``_dry_run`` for LLaVA, :class:`QwenPruningHandle`'s ``_select``,
@@ -15,7 +16,7 @@ import inspect
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -30,9 +31,10 @@ from ..transformers.qwen import _SUPPLIED as _QWEN_SUPPLIED
 from ..transformers.qwen import QWEN_METHODS, QWEN_REFUSED, QwenPruningHandle, _check_stage1, \
     unit_budget
 
-__all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "Settings", "settings",
-           "Pruner", "QwenPruner", "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "EMBEDDING_METHODS",
-           "TEXT_FIELD", "text_hashes", "prompt_text"]
+__all__ = ["METHODS", "REFUSED", "QWEN_METHODS", "QWEN_REFUSED_ALL", "VIDEO_METHODS",
+           "VideoMethod", "Settings", "settings", "Pruner", "QwenPruner", "VideoPruner",
+           "NEEDS_TEXT", "NEEDS_CLS", "PRE_PROJECTOR", "EMBEDDING_METHODS", "TEXT_FIELD",
+           "text_hashes", "prompt_text"]
 
 # Fixed-budget pre-LLM methods: vLLM fixes each image's placeholder count before its encoder
 # runs, so the method must return exactly ``keep`` tokens whatever the image shows.
@@ -62,6 +64,70 @@ PRE_PROJECTOR = _PRE_PROJECTOR
 TEXT_FIELD = "visprune_text"
 
 
+def _dropped(keep: float) -> float:
+    """The share of tokens a method drops when it keeps ``keep``: ``1 - keep``."""
+    return 1.0 - keep
+
+
+@dataclass(frozen=True)
+class VideoMethod:
+    """How the plugin serves one video method of :mod:`visprune.methods` (the function of the
+    same name) on Qwen2.5-VL: one entry of :data:`VIDEO_METHODS`.
+
+    The method is called on the merged tokens of the videos of an encoder step,
+    ``video[B, T, P, D]`` with ``frames=`` (videos with ``P`` tokens per frame go together, the
+    shorter ones padded), with ``{rate: from_keep(keep)}`` and the configured options.  Its
+    :class:`~visprune.common.PruneResult` is read row by row: ``tokens[b, :lengths[b]]`` are
+    placed in that order, each at the original M-RoPE position of ``indices[b, j]`` (a position
+    in the video's frame-major ``T·P``): a token merged from several keeps its anchor's position.
+    A result token without a position (``-1``) is an error.
+
+    ``rate``: the method's argument that ``keep`` (a fraction of each video's tokens, in
+    ``(0, 1]``) sets, through ``from_keep`` (default ``1 - keep``: the share dropped).
+    ``fixed``: arguments always passed (e.g. which model's variant of the method), not options
+    a user sets.
+    ``count``: the tokens the method keeps of a video of ``T`` frames of ``P`` tokens,
+    ``count(P, T, **arguments)``, called with the method's arguments (the rate and options) that
+    it names; the processor announces that many placeholders.  ``None``: the method's count
+    depends on the video's content; it is refused at start-up with ``refused`` as the reason,
+    since vLLM fixes each video's placeholder count before its encoder runs (padding the prompt
+    to a bound would make the language model attend to tokens the method did not produce, and
+    truncating would change the method).
+
+    A method that reads more than the merged tokens (e.g. a statistic of the vision tower's
+    attention) needs that input computed in the model's encoder step besides its entry."""
+
+    rate: str
+    count: Optional[Callable[..., int]]
+    from_keep: Callable[[float], float] = _dropped
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    refused: str = ""
+
+    def arguments(self, keep: float, options: Mapping[str, object]) -> Dict[str, object]:
+        """The method's keyword arguments: its options, the fixed ones and the rate ``keep``
+        sets."""
+        return {**options, **self.fixed, self.rate: self.from_keep(keep)}
+
+    def tokens(self, tokens_per_frame: int, num_frames: int,
+               arguments: Mapping[str, object]) -> int:
+        """``count(P, T, ...)`` with the ``arguments`` it names."""
+        names = inspect.signature(self.count).parameters
+        return int(self.count(tokens_per_frame, num_frames,
+                              **{k: v for k, v in arguments.items() if k in names}))
+
+
+# The video methods on Qwen2.5-VL.  Their counts depend on the video's size only, so the
+# processor computes them; a method whose count depends on the content is entered with
+# count=None and a reason, and refused at start-up.
+VIDEO_METHODS: Dict[str, VideoMethod] = {
+    "evs": VideoMethod(rate="q", count=methods.evs_count),
+    "vidcom2": VideoMethod(rate="q", count=methods.vidcom2_count),
+    "dycoke": VideoMethod(rate="k", count=methods.dycoke_count),
+}
+# What the plugin passes to a video method itself (besides the rate).
+_VIDEO_SUPPLIED = {"video", "frames"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The ``visprune`` entry of a model's HF config: ``{"method": ..., "keep": ..., **options}``.
@@ -74,8 +140,20 @@ class Settings:
     options: Dict[str, object] = field(default_factory=dict)
 
     def budget(self, n: int) -> int:
-        """Tokens kept of an image of ``n`` tokens (its placeholder count)."""
-        return unit_budget(self.keep, n)
+        """Tokens kept of an image of ``n`` tokens (its placeholder count); a video method
+        keeps every token of an image."""
+        return n if self.video is not None else unit_budget(self.keep, n)
+
+    @property
+    def video(self) -> Optional[VideoMethod]:
+        """The :data:`VIDEO_METHODS` entry of a video method, else ``None``."""
+        return VIDEO_METHODS.get(self.method)
+
+    def video_budget(self, tokens_per_frame: int, num_frames: int) -> int:
+        """Tokens a video method keeps of a video of ``num_frames`` frames (merged: Qwen2.5-VL's
+        grid ``t``) of ``tokens_per_frame`` tokens (its placeholder count)."""
+        spec = self.video
+        return spec.tokens(tokens_per_frame, num_frames, spec.arguments(self.keep, self.options))
 
     @property
     def needs_text(self) -> bool:
@@ -111,9 +189,15 @@ def settings(hf_config, family: str = "llava") -> Optional[Settings]:
     if method in refused:
         raise ValueError(f"visprune: method {method!r} is not supported in vLLM on {model}: "
                          f"{refused[method]}. Supported: {', '.join(supported)}")
+    if method in VIDEO_METHODS:
+        if not qwen:
+            raise ValueError(f"visprune: {method} prunes videos, which the vLLM plugin serves on "
+                             f"Qwen2.5-VL only; on {model} it supports {', '.join(supported)}")
+        return _video_settings(method, keep, raw)
     if method not in supported:
+        videos = f" (videos: {', '.join(VIDEO_METHODS)})" if qwen else ""
         raise ValueError(f"visprune: unknown method {method!r}; the vLLM plugin supports "
-                         f"{', '.join(supported)} on {model}")
+                         f"{', '.join(supported)} on {model}{videos}")
     if qwen:
         try:
             keep = checks.keep("keep", keep, "image or video")
@@ -142,6 +226,30 @@ def settings(hf_config, family: str = "llava") -> Optional[Settings]:
                          f"requests in one call, and a relevance normalised over that batch "
                          f"would make each request's kept tokens depend on the others")
     return Settings(method, keep, raw)
+
+
+def _video_settings(method: str, keep, options: Dict[str, object]) -> Settings:
+    """The checked :class:`Settings` of a video method (:data:`VIDEO_METHODS`)."""
+    spec = VIDEO_METHODS[method]
+    if spec.count is None:
+        raise ValueError(f"visprune: method {method!r} is not supported in vLLM: its token count "
+                         f"depends on the video's content ({spec.refused}), but vLLM fixes each "
+                         f"video's placeholder count before the encoder runs")
+    if isinstance(keep, bool) or not isinstance(keep, float) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"visprune: {method} needs keep, the fraction of each video's tokens "
+                         f"kept: a float in (0, 1] (e.g. 0.25; it sets {method}'s {spec.rate}), "
+                         f"got {keep!r} ({type(keep).__name__})")
+    if spec.rate in options:
+        raise ValueError(f"visprune: {method}'s {spec.rate} is set by keep (the fraction of "
+                         f"each video's tokens kept); remove the option "
+                         f"{spec.rate}={options[spec.rate]!r}")
+    taken = set(inspect.signature(getattr(methods, method)).parameters)
+    accepted = sorted(taken - _VIDEO_SUPPLIED - {spec.rate} - set(spec.fixed))
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"visprune: {method} takes no option(s) {unknown}; its options are "
+                         f"{accepted}")
+    return Settings(method, float(keep), options)
 
 
 def prompt_text(embed, text_ids) -> Dict[str, torch.Tensor]:
@@ -328,3 +436,68 @@ class QwenPruner:
         if self.record is not None:
             self.record.extend(k.cpu() for k in kept)
         return kept
+
+
+class VideoPruner:
+    """A Qwen2.5-VL model's video method (:data:`VIDEO_METHODS`), called on the encoder step's
+    videos; images are not pruned.  ``record``: a list to append each pruned video's result
+    positions to (tests, debugging), or ``None``."""
+
+    def __init__(self, config: Settings, device: torch.device):
+        self.record = None
+        self.method, self.keep = config.method, config.keep
+        self.spec = config.video
+        self.method_kwargs = self.spec.arguments(config.keep, config.options)
+        self._fn = getattr(methods, self.method)
+        with _named(config):
+            checked_name(self.method_kwargs.get("backend"), device)
+            self._dry_run()
+
+    def count(self, tokens_per_frame: int, num_frames: int) -> int:
+        """Tokens kept of a video of ``num_frames`` frames of ``tokens_per_frame`` tokens: the
+        count the processor announced for it."""
+        return self.spec.tokens(tokens_per_frame, num_frames, self.method_kwargs)
+
+    def _dry_run(self) -> None:
+        """The method's own option checks, at once, on dummy videos of 1 to 6 frames (reference
+        backend), and its table entry's count checked against what it returns."""
+        video = torch.randn(6, 6, 4, 8, generator=torch.Generator().manual_seed(0))
+        frames = list(range(1, 7))
+        result = self._fn(video, frames=frames, **{**self.method_kwargs, "backend": "reference"})
+        got = result.lengths.tolist()
+        counts = [self.count(4, t) for t in frames]
+        if got != counts:
+            raise ValueError(f"the method keeps {got} tokens of videos of {frames} frames of 4 "
+                             f"tokens, but its count function says {counts}")
+
+    def prune(self, videos: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per video ``videos[i]: [T_i, P_i, D]`` (frame-major, each frame's tokens in raster
+        order), ``(tokens[K_i, D], positions int64[K_i])``: the method's tokens in its order and
+        each one's position in the video's ``T_i·P_i`` (an anchor's, for a merged token);
+        ``K_i = count(P_i, T_i)``.  The videos with the same ``P`` go through the method in one
+        call, the shorter ones padded with zero frames (``frames=``: never read)."""
+        out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(videos)
+        groups: Dict[int, List[int]] = {}
+        for i, v in enumerate(videos):
+            groups.setdefault(v.shape[1], []).append(i)
+        for P, members in groups.items():
+            frames = [videos[i].shape[0] for i in members]
+            if len(set(frames)) == 1:
+                batch = torch.stack([videos[i] for i in members])
+            else:
+                batch = pad_sequence([videos[i] for i in members], batch_first=True)
+            with torch.no_grad():
+                result = self._fn(batch, frames=frames, **self.method_kwargs)
+            lengths = result.lengths.tolist()
+            for row, i in enumerate(members):
+                n, expected = lengths[row], self.count(P, frames[row])
+                positions = result.indices[row, :n]
+                if n != expected or bool((positions < 0).any()):
+                    raise RuntimeError(
+                        f"visprune: {self.method} returned {n} tokens ({int((positions < 0).sum())}"
+                        f" without a position) of a video of {frames[row]} frames of {P} "
+                        f"tokens; the prompt holds {expected} placeholders for it")
+                out[i] = result.tokens[row, :n], positions
+        if self.record is not None:
+            self.record.extend(positions.cpu() for _, positions in out)
+        return out

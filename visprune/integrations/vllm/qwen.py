@@ -24,7 +24,12 @@ vLLM's CPU model runner never takes EVS's ``recompute_mrope_positions`` path):
 * :meth:`embed_input_ids` strips them and :meth:`forward` (which the model runner calls next
   with that step's positions) adds them to the positions of the image placeholders.
 
-Videos are not accepted while pruning is on (vLLM refuses a request with one).
+Videos: with an image method a video is refused (vLLM's own limit check: the model takes no
+video); with a video method (:data:`~._core.VIDEO_METHODS`: ``evs``, ``vidcom2``, ``dycoke``)
+each video keeps the method's count of its merged tokens, ``count(P, t)`` of its grid, which the
+processor announces, in the method's output order, each at its original position (the temporal
+coordinate scaled as vLLM numbers a video's frames, ``int(t · second_per_grid_t ·
+tokens_per_second)``); images keep all their tokens.
 """
 from __future__ import annotations
 
@@ -41,9 +46,11 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
 
 from ..transformers.qwen import received_in_segments
-from ._core import NEEDS_CLS, NEEDS_TEXT, TEXT_FIELD, QwenPruner, prompt_text, settings
+from ._core import NEEDS_CLS, NEEDS_TEXT, TEXT_FIELD, QwenPruner, VideoPruner, prompt_text, \
+    settings
 from .processing import PrunedDummyInputsMixin, PrunedInfoMixin, PrunedProcessorMixin
 
 # Each kept token's (t, h, w) within its image rides after its embedding, in the embedding's
@@ -76,10 +83,25 @@ class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
 
     def get_supported_mm_limits(self):
         limits = super().get_supported_mm_limits()
-        if self.visprune_settings() is None:
+        config = self.visprune_settings()
+        if config is None or config.video is not None:
             return limits
-        # videos are not pruned (yet): a request with one is refused by vLLM's own limit check
+        # an image method does not prune videos: a request with one is refused by vLLM's own
+        # limit check
         return {"image": limits["image"]}
+
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int,
+                             image_processor, mm_kwargs) -> int:
+        """A video method's count of a video (vLLM's profiling sizes the encoder budget and the
+        longest dummy video by it), else vLLM's own."""
+        size = dict(image_width=image_width, image_height=image_height,
+                    image_processor=image_processor, mm_kwargs=mm_kwargs)
+        n = super().get_num_video_tokens(num_frames=num_frames, **size)
+        config = self.visprune_settings()
+        if config is None or config.video is None:
+            return n
+        per_frame = super().get_num_video_tokens(num_frames=1, **size)    # one merged frame
+        return config.video_budget(per_frame, n // per_frame)
 
 
 class PrunedQwen2_5_VLDummyInputsBuilder(PrunedDummyInputsMixin, Qwen2_5_VLDummyInputsBuilder):
@@ -90,6 +112,26 @@ class PrunedQwen2_5_VLMultiModalProcessor(PrunedProcessorMixin, Qwen2_5_VLMultiM
     def _visprune_image_token_ids(self) -> set:
         config = self.info.get_hf_config()
         return {config.image_token_id, config.video_token_id}
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        """A video method's count of placeholders for each video (from its grid ``(t, h, w)``:
+        ``t`` frames of ``(h/m)·(w/m)`` merged tokens)."""
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        config = self.info.visprune_settings()
+        if config is None or config.video is None:
+            return updates
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+
+        def counted(replacement):
+            def get(item_idx):
+                tokens = replacement(item_idx) if callable(replacement) else replacement
+                t, h, w = out_mm_kwargs["video"][item_idx]["video_grid_thw"].data.tolist()
+                return tokens[:config.video_budget((h // merge) * (w // merge), t)]
+            return get
+
+        return [PromptReplacement(modality=u.modality, target=u.target,
+                                  replacement=counted(u.replacement))
+                if u.modality == "video" else u for u in updates]
 
 
 # ------------------------------------------------------------------------------ model
@@ -114,35 +156,75 @@ class PrunedQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("visprune: pruning on Qwen2.5-VL needs pipeline_parallel_size=1 "
                              "(the kept tokens' positions are set on the first stage)")
-        self.visprune = QwenPruner(config, torch.device(vllm_config.device_config.device))
+        device = torch.device(vllm_config.device_config.device)
+        self.visprune = (VideoPruner(config, device) if config.video is not None
+                         else QwenPruner(config, device))
         # as with EVS, the encoder is not captured in CUDA graphs: the attention hook and the
         # data-dependent selection run eagerly
         self.is_multimodal_pruning_enabled = True
 
     # ------------------------------------------------------------------ the encoder step
     def embed_multimodal(self, **kwargs):
+        """Each image's and video's kept tokens, in vLLM's order (the modalities in the order of
+        their kwargs), each followed by its position channels."""
         text_ids = kwargs.pop(TEXT_FIELD, None)
         if self.visprune is None:
             return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        grids = image_input["image_grid_thw"].tolist()
-        with self._visprune_attention(grids, image_input["type"] == "pixel_values") as got:
-            features = self._process_image_input(image_input)       # per image [N_i, D]
-        text = {}
-        if self.visprune.method in NEEDS_TEXT:
-            text = prompt_text(self.language_model.embed_input_ids, text_ids)
-        kept = self.visprune.select(features, score=got.get("score"), **text)
+        out = []
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if inputs is None:
+                continue
+            if modality == "image":
+                out += self._visprune_images(inputs, text_ids)
+            else:
+                out += self._visprune_videos(inputs)
+        return tuple(out)
+
+    def _grid_positions(self, t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
+        """``int64[3, t·(h/m)·(w/m)]``: each merged token's ``(t, h, w)`` offset from its
+        image's / video's first position, in the merger's frame-major, row-major order; the
+        temporal one ``int(t · t_factor)``, as vLLM numbers the unpruned prompt."""
         merge = self.visual.spatial_merge_size
+        frames = torch.from_numpy((np.arange(t) * t_factor).astype(np.int64))
+        return torch.stack(torch.meshgrid(frames, torch.arange(h // merge),
+                                          torch.arange(w // merge), indexing="ij")).flatten(1)
+
+    def _visprune_images(self, image_input, text_ids) -> List[torch.Tensor]:
+        """Each image's kept tokens (an image method's; all of them under a video method), at
+        their original positions."""
+        grids = image_input["image_grid_thw"].tolist()
+        video_method = isinstance(self.visprune, VideoPruner)
+        pixels = image_input["type"] == "pixel_values" and not video_method
+        with self._visprune_attention(grids, pixels) as got:
+            features = self._process_image_input(image_input)       # per image [N_i, D]
+        if video_method:            # a video method leaves images whole
+            kept = [torch.arange(len(f), device=f.device) for f in features]
+        else:
+            text = {}
+            if self.visprune.method in NEEDS_TEXT:
+                text = prompt_text(self.language_model.embed_input_ids, text_ids)
+            kept = self.visprune.select(features, score=got.get("score"), **text)
         out = []
         for f, k, (t, h, w) in zip(features, kept, grids):
-            # each merged token's (t, h, w) in the image, in the merger's row-major order
-            thw = torch.stack(torch.meshgrid(
-                torch.arange(t), torch.arange(h // merge), torch.arange(w // merge),
-                indexing="ij")).flatten(1).to(f.device)
+            thw = self._grid_positions(t, h, w).to(f.device)
             out.append(torch.cat([f[k], encode_positions(thw[:, k].T, f.dtype)], 1))
-        return tuple(out)
+        return out
+
+    def _visprune_videos(self, video_input) -> List[torch.Tensor]:
+        """Each video's tokens the video method keeps, at their original positions."""
+        grids = video_input["video_grid_thw"].tolist()
+        features = self._process_video_input(video_input)           # per video [t·P, D]
+        seconds = video_input.get("second_per_grid_ts")
+        seconds = [1.0] * len(grids) if seconds is None else seconds.tolist()
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        merge = self.visual.spatial_merge_size
+        videos = [f.view(t, (h // merge) * (w // merge), f.shape[-1])
+                  for f, (t, h, w) in zip(features, grids)]
+        out = []
+        for (tokens, index), (t, h, w), s in zip(self.visprune.prune(videos), grids, seconds):
+            thw = self._grid_positions(t, h, w, s * tokens_per_second).to(tokens.device)
+            out.append(torch.cat([tokens, encode_positions(thw[:, index].T, tokens.dtype)], 1))
+        return out
 
     @contextlib.contextmanager
     def _visprune_attention(self, grids: List[List[int]], pixels: bool):
