@@ -11,9 +11,10 @@ an int, bool or absent attention mask, and whether EOS ends a run as early as th
 options allow or never.
 
 The in-LLM engine (FastV, FitPrune, DART) on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and a
-sliding-window (Mistral) backbone, and the pre-LLM methods on Qwen: the examples draw images and
-videos (Qwen3-VL's one run per frame), units that end their row, tiny images with fractional
-budgets, ``per_frame`` (on prompts with or without videos), counts as Python ints, NumPy
+sliding-window (Mistral) backbone, and the pre-LLM and video methods (EVS, VidCom2, DyCoke) on
+Qwen: the examples draw images and videos (Qwen3-VL's one run per frame), units that end their
+row, tiny images with fractional budgets, ``per_frame`` (on prompts with or without videos;
+not with a video method), counts as Python ints, NumPy
 integers or 0-d tensors, generation with or without a cache, on a deep copy of the enabled
 model, and chunked prefill or prompt-lookup decoding (refused in-LLM).
 
@@ -36,6 +37,7 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import visprune  # noqa: E402
+from visprune.methods import dycoke_count, evs_count, vidcom2_count  # noqa: E402
 from test_integration import (EOS, IMAGE, PAD, _batch, _build, _EosBias,  # noqa: E402
                               _snapshot, _stop_steps)
 
@@ -180,6 +182,7 @@ LAYERS = {"llava": 2, "llava_next": 2, "qwen2_5_vl": 3, "qwen3_vl": 4, "windowed
 QWEN_GRIDS = [[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 4, 6]]         # 1, 2, 4, 6 merged tokens
 QWEN_VIDEOS = [[2, 2, 4], [3, 4, 4]]                             # 2x2, 3x4 tokens per frame
 INLLM = ("fastv", "fitprune", "dart")
+VIDEO = ("evs", "vidcom2", "dycoke")
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,8 +212,10 @@ def _engine_cases(draw):
             at = len(row) if draw(st.booleans()) else draw(st.integers(0, len(row)))
             row.insert(at, unit)
         rows.append(row)
-    # pre-LLM methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones everywhere
-    method = draw(st.sampled_from(INLLM + (("divprune", "trimtokenator") if qwen else ())))
+    # pre-LLM and video methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones
+    # everywhere
+    method = draw(st.sampled_from(INLLM + (("divprune", "trimtokenator") + VIDEO if qwen
+                                           else ())))
     count = draw(st.sampled_from([int, np.int64, torch.tensor]))
     kwargs = {}
     if method in ("fastv", "dart"):
@@ -225,7 +230,7 @@ def _engine_cases(draw):
         kwargs.update(pivot_image=draw(st.integers(0, 2)), pivot_text=draw(st.integers(1, 3)))
     if method == "trimtokenator" and isinstance(kwargs["keep"], float) and kwargs["keep"] > 0.8:
         kwargs["stage1_keep"] = 1.0            # the default 0.8 is refused below keep
-    if qwen and draw(st.booleans()):
+    if qwen and method not in VIDEO and draw(st.booleans()):
         kwargs["per_frame"] = True
     options = [None] + ([("prefill_chunk_size", 4), ("prompt_lookup_num_tokens", 2)]
                         if method in INLLM else [])
@@ -236,35 +241,59 @@ def _engine_cases(draw):
 
 
 def _engine_inputs(model, case):
-    """The case's batch and, per row, its units' token counts in prompt order (a video's frames
-    with ``per_frame``)."""
+    """The case's batch; per row, its units' token counts in prompt order (a video's frames
+    with ``per_frame``) and each unit's frame count where it is a whole video (else None)."""
     if not case["family"].startswith("qwen"):
         inputs = _batch(model, case["rows"], seed=case["seed"])
         counts = ([16] * len(inputs["pixel_values"]) if "image_sizes" not in inputs else
                   [len(f) for f in model.model.get_image_features(
                       inputs["pixel_values"], inputs["image_sizes"]).pooler_output])
         images = iter(counts)
-        return inputs, [[next(images) for x in r if x == "<image>"] for r in case["rows"]]
+        units = [[next(images) for x in r if x == "<image>"] for r in case["rows"]]
+        return inputs, units, [[None] * len(row) for row in units]
     from test_qwen import _prompt
     per_frame = case["kwargs"].get("per_frame", False)
-    units = []
+    units, videos = [], []
     for r in case["rows"]:
         units.append([])
+        videos.append([])
         for kind, (t, h, w) in (x for x in r if isinstance(x, tuple)):
             frames = t if kind == "video" and per_frame else 1
             units[-1] += [t * h * w // 4 // frames] * frames
-    return _prompt(model, case["rows"], seed=case["seed"]), units
+            videos[-1] += [t if kind == "video" and not per_frame else None] * frames
+    return _prompt(model, case["rows"], seed=case["seed"]), units, videos
 
 
-def _kept_per_unit(case, n):
+def _dycoke_kept(keep, T, P):
+    """DyCoke's count of a video for ``keep`` as the README states: ``P`` per whole frame,
+    ``n`` per compared one; a fraction gives ``k = 1 - keep``, a count the largest ``n`` whose
+    total is not above it (else ``n = 0``)."""
+    if isinstance(keep, float):
+        return dycoke_count(P, T, 1 - keep)
+    pairs, groups = T // 2, len(range(0, T - 4, 4))
+    totals = [P if T == 1 else pairs * (P + n) - groups * (P - n) for n in range(P + 1)]
+    fits = [v for v in totals if v <= keep]
+    return max(fits) if fits else totals[0]
+
+
+def _kept_per_unit(case, n, frames=None):
     """Tokens a unit of ``n`` keeps as the README states, or None when the budget does not fit
-    (DART: the exact count depends on the text pivots found; at least one)."""
+    (DART: the exact count depends on the text pivots found; at least one).  ``frames``: a
+    whole video's frame count (a video method prunes only those; images pass whole)."""
     kw = case["kwargs"]
     if case["method"] == "fitprune":
         total = sum(int(v) for v in kw["recipe"].values())
         return n - total if total < n else None
     keep = kw["keep"]
     keep = int(keep) if not isinstance(keep, float) else float(keep)
+    if case["method"] in VIDEO:
+        if frames is None:
+            return n
+        P = n // frames
+        if case["method"] == "dycoke":
+            return _dycoke_kept(keep, frames, P)
+        count, floor = {"evs": (evs_count, P), "vidcom2": (vidcom2_count, frames)}[case["method"]]
+        return count(P, frames, 1 - keep) if isinstance(keep, float) else max(floor, min(keep, n))
     if case["method"] in ("divprune", "trimtokenator"):        # Qwen: a smaller unit keeps all
         return min(n, keep) if isinstance(keep, int) else min(n, max(1, math.floor(keep * n + .5)))
     if case["method"] == "fastv":
@@ -288,7 +317,7 @@ def test_generate_is_refused_cleanly_or_behaves(case):
     qwen = case["family"].startswith("qwen")
     tower = model.model.visual if qwen else model.model.vision_tower
     with torch.no_grad():
-        inputs, units = _engine_inputs(model, case)
+        inputs, units, videos = _engine_inputs(model, case)
     placeholders = [model.config.image_token_id] + (
         [model.config.video_token_id] if qwen else [])
     width = inputs["input_ids"].shape[1]
@@ -296,7 +325,8 @@ def test_generate_is_refused_cleanly_or_behaves(case):
                 logits_processor=transformers.LogitsProcessorList([_Ban(placeholders + [2])]))
     with torch.no_grad():
         unpruned = model.generate(**inputs, **call)
-    fits = [[_kept_per_unit(case, n) for n in row] for row in units]
+    fits = [[_kept_per_unit(case, n, f) for n, f in zip(row, fr)]
+            for row, fr in zip(units, videos)]
     window = getattr(model.config.text_config, "sliding_window", None)
     refusal = (None if case["option"] is None else NotImplementedError) or (
         ValueError if any(None in row for row in fits)

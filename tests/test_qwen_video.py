@@ -20,7 +20,8 @@ from visprune.integrations.transformers import video as video_table
 from visprune.integrations.transformers.video import video_parameter
 from visprune.methods import dycoke_count, evs_count, vidcom2_count
 
-from test_qwen import IMG, VID, _manual_logits, _prompt, _qwen25, _qwen3, _row
+from test_qwen import (IMG, VID, _manual_logits, _prompt, _qwen25, _qwen3, _row,
+                       _tower_attention)
 
 SELECTION = ("evs", "vidcom2", "dycoke")
 HAS_FASTVID = hasattr(methods, "fastvid")
@@ -121,12 +122,13 @@ def test_kept_tokens_are_the_methods_on_each_video_and_the_logits_follow(model, 
         logits = model(**inputs).logits
         kept = [k.clone() for k in h.kept]
         first = model.generate(**inputs, max_new_tokens=1, **GREEDY)[0, -1]
-    want = [_alone(method, v, keep) for v in _videos(model, inputs)]
+    videos = _videos(model, inputs)
+    want = [_alone(method, v, keep) for v in videos]
     assert kept[0].tolist() == list(range(4))                  # the image, whole
     assert [k.tolist() for k in kept[1:]] == want
     with torch.no_grad():
         manual = _manual_logits(model, inputs, kept)
-    removed = sum(v.shape[0] * v.shape[1] for v in _videos(model, inputs)) - sum(map(len, want))
+    removed = sum(v.shape[0] * v.shape[1] for v in videos) - sum(map(len, want))
     assert logits.shape == manual.shape == (1, inputs["input_ids"].shape[1] - removed, 200)
     torch.testing.assert_close(logits, manual, rtol=1e-5, atol=1e-5)
     assert int(first) == int(manual[0, -1].argmax())
@@ -397,6 +399,30 @@ def test_fastvid_on_each_video_with_its_saliency(qwen25):
     with torch.no_grad():
         manual = _manual_merged(model, inputs, kept, tokens)
     torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(hasattr(methods, "holitom"), reason="visprune.methods has HoliTom")
+def test_holitom_entry_gets_the_attention_received_with_a_stub(qwen25, monkeypatch):
+    """HoliTom is not in this installation: a stub with its signature stands in (it keeps
+    frame 0 whole).  It receives ``retain_ratio`` from ``keep`` and, per merged token, the mean
+    attention received in the tower's last block (as the tower's eager weights give it)."""
+    calls = []
+
+    def holitom(video, attention, *, retain_ratio=0.1, frames=None, backend=None):
+        calls.append(dict(attention=attention.clone(), retain_ratio=retain_ratio))
+        B, T, P, D = video.shape
+        return visprune.PruneResult(video[:, 0].clone(), torch.arange(P).repeat(B, 1),
+                                    torch.full((B,), P))
+
+    monkeypatch.setattr(methods, "holitom", holitom, raising=False)
+    inputs = _prompt(qwen25, [[3, ("video", [2, 4, 6]), 5]])
+    with visprune.enable(qwen25, "holitom", keep=3) as h, torch.no_grad():
+        qwen25(**inputs)
+        assert h.kept[0].tolist() == list(range(6))
+    assert calls[-1]["retain_ratio"] == 0.25
+    want = _tower_attention(qwen25, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    torch.testing.assert_close(calls[-1]["attention"][0], want.view(2, 6), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_table_entries_say_what_each_method_needs():
