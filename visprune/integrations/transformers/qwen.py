@@ -30,6 +30,19 @@ What each method reads (the towers have no CLS token):
 * ``prumerge`` and ``visionzip`` are refused: they synthesise (merge) tokens, which have no
   original M-RoPE position, and their merge keys are defined on CLIP's CLS layer.
 
+Video methods (``evs``, ``vidcom2``, ``dycoke``; ``fastvid``, ``holitom`` where
+:mod:`visprune.methods` has them; the table and the ``keep`` mapping in :mod:`.video`) prune
+each video's merged tokens as ``[T, P, D]`` (``T`` the grid's ``t``, ``P = (h/m)(w/m)``); images
+pass whole, ``per_frame=True`` is refused.  ``keep`` per video maps to the method's own budget
+parameter, which may be given instead.  The method's tokens go in the order of their positions,
+each at its ``indices`` placeholder, so a merged token (not a row of the input) takes its
+anchor's M-RoPE position.  FastVID gets its saliency from the last vision block
+(:func:`frame_query_saliency`), HoliTom the mean attention received (as ``holov``).  Qwen3-VL
+writes a video as one placeholder run per frame with timestamps between: the placeholders are
+still the video's ``T·P`` tokens in frame-major order, so the runs lose their pruned tokens and
+the timestamps stay.  The merging methods are refused on Qwen3-VL: a merged token's deepstack
+features are undefined (the method's result carries no assignment to merge them with).
+
 How it plugs in is the LLaVA integration's (:mod:`.llava`): a forward pre-hook rewrites a call
 with ``pixel_values`` / ``pixel_values_videos`` into one with the kept features as
 ``mm_encoder_outputs``, the prompt without the pruned tokens' placeholders, and explicit
@@ -151,7 +164,10 @@ class QwenPruningHandle(PromptPruning):
         self.model, self.method, self.method_kwargs, self._fn = model, method, kwargs, fn
         self.kept: List[torch.Tensor] = []
         self._next_positions = None
-        self._dry_run()
+        if self._video is not None:
+            self._video_dry_run()
+        else:
+            self._dry_run()
         self._install(model)
 
     def _video_setup(self, model, method, keep, kwargs):
@@ -187,10 +203,6 @@ class QwenPruningHandle(PromptPruning):
         """The method's own option checks, at once, on a dummy unit (reference backend)."""
         n = 64
         x = torch.randn(1, n, 4, generator=torch.Generator().manual_seed(0))
-        if self._video is not None:
-            self._video_call(x.view(1, 4, 16, 4), torch.full((1, 4, 16), 1.0 / 16), [4],
-                             self._video_value(4, 16), backend="reference")
-            return
         k = unit_budget(self.keep, n)
         self._batched(x, k, text=x[:, :2], text_mask=None,
                       attn=torch.full((1, n), 1.0 / n), backend="reference")
@@ -260,6 +272,13 @@ class QwenPruningHandle(PromptPruning):
         return keep
 
     # ------------------------------------------------------------------ video methods
+    def _video_dry_run(self) -> None:
+        """The video method's own option checks, at once, on a dummy video of 4 frames of 16
+        tokens (reference backend)."""
+        x = torch.randn(1, 4, 16, 4, generator=torch.Generator().manual_seed(0))
+        self._video_call(x, torch.full((1, 4, 16), 1.0 / 16), [4], self._video_value(4, 16),
+                         backend="reference")
+
     def _video_value(self, T: int, P: int):
         """The method's budget parameter for a video of ``T`` frames of ``P`` tokens: from
         ``keep``, or the caller's own value."""
