@@ -18,7 +18,7 @@ not with a video method), counts as Python ints, NumPy
 integers or 0-d tensors, generation with or without a cache, on a deep copy of the enabled
 model, and chunked prefill or prompt-lookup decoding (refused in-LLM).
 
-Default profile: 150 + 100 fixed examples (derandomized), under a minute on two cores.
+Default profile: 150 + 100 + 20 fixed examples (derandomized).
 ``VISPRUNE_FUZZ=large``: ten times as many, drawn afresh on every run.
 """
 import copy
@@ -195,16 +195,19 @@ def _family_model(family):
 
 
 @st.composite
-def _engine_cases(draw):
-    family = draw(st.sampled_from(FAMILIES))
+def _engine_cases(draw, video=False):
+    """A case of the engine's property test; ``video``: a video method on Qwen, and the first
+    row's first unit a video."""
+    family = draw(st.sampled_from(("qwen2_5_vl", "qwen3_vl") if video else FAMILIES))
     qwen = family.startswith("qwen")
     rows = []
     for _ in range(draw(st.integers(1, 2))):
         row = draw(st.lists(TEXT, min_size=1, max_size=4))
         units = draw(st.integers(1, 2 if qwen else 1))
-        for _ in range(units):
+        for u in range(units):
             if qwen:
-                unit = (("video", draw(st.sampled_from(QWEN_VIDEOS))) if draw(st.booleans())
+                is_video = (video and not rows and u == 0) or draw(st.booleans())
+                unit = (("video", draw(st.sampled_from(QWEN_VIDEOS))) if is_video
                         else ("image", draw(st.sampled_from(QWEN_GRIDS))))
             else:
                 unit = "<image>"
@@ -214,8 +217,8 @@ def _engine_cases(draw):
         rows.append(row)
     # pre-LLM and video methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones
     # everywhere
-    method = draw(st.sampled_from(INLLM + (("divprune", "trimtokenator") + VIDEO if qwen
-                                           else ())))
+    method = draw(st.sampled_from(VIDEO if video else INLLM + (
+        ("divprune", "trimtokenator") + VIDEO if qwen else ())))
     count = draw(st.sampled_from([int, np.int64, torch.tensor]))
     kwargs = {}
     if method in ("fastv", "dart"):
@@ -313,6 +316,20 @@ def test_generate_is_refused_cleanly_or_behaves(case):
     and the model still answers; or generate() keeps the caller's prompt, generates with or
     without a cache (and on a deep copy of the enabled model) the same tokens, every unit keeps
     its documented count (DART: at least one), and disable() gives back the unpruned model."""
+    _check_engine_case(case)
+
+
+@settings(FUZZ, max_examples=200 if LARGE else 20)
+@given(case=_engine_cases(video=True))
+def test_video_methods_on_qwen_behave(case):
+    """EVS, VidCom2 and DyCoke on Qwen2.5-VL / Qwen3-VL prompts with at least one video (the
+    draws above reach them only now and then): as the test above, every video keeps the
+    method's documented count and images pass whole."""
+    _check_engine_case(case)
+
+
+def _check_engine_case(case):
+    """The engine test's checks on one case (see the tests above)."""
     model = _family_model(case["family"])
     qwen = case["family"].startswith("qwen")
     tower = model.model.visual if qwen else model.model.vision_tower

@@ -611,7 +611,7 @@ def frame_query_saliency(q: torch.Tensor, k: torch.Tensor, grid: torch.Tensor, u
     """``float32[S / unit]``: FastVID's saliency of each merged token on Qwen2.5-VL (its
     ``Qwen2_5_VLVisionFlashAttention2.forward`` in the tower's last block): per frame and head,
     the frame's mean query (over its patches, after RoPE) against the mean key of each merged
-    token's ``unit`` patches, ``softmax(scale · q̄·k̄)`` over the frame's merged tokens, then the
+    token's ``unit`` patches, ``softmax(scale · q·k)`` over the frame's merged tokens, then the
     mean over heads.  ``q``, ``k``: ``[S, H, dh]`` in the block's token order (each frame's
     patches contiguous, each merge group's ``unit`` patches adjacent; Qwen2.5-VL's window order
     moves merge groups only within a frame, so the result is in that order too); ``grid[V, 3]``
