@@ -11,14 +11,15 @@ an int, bool or absent attention mask, and whether EOS ends a run as early as th
 options allow or never.
 
 The in-LLM engine (FastV, FitPrune, DART) on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and a
-sliding-window (Mistral) backbone, and the pre-LLM and video methods (EVS, VidCom2, DyCoke) on
-Qwen: the examples draw images and videos (Qwen3-VL's one run per frame), units that end their
-row, tiny images with fractional budgets, ``per_frame`` (on prompts with or without videos;
-not with a video method), counts as Python ints, NumPy
+sliding-window (Mistral) backbone, and the pre-LLM methods on Qwen: the examples draw images and
+videos (Qwen3-VL's one run per frame), units that end their row, tiny images with fractional
+budgets, ``per_frame`` (on prompts with or without videos), counts as Python ints, NumPy
 integers or 0-d tensors, generation with or without a cache, on a deep copy of the enabled
-model, and chunked prefill or prompt-lookup decoding (refused in-LLM).
+model, and chunked prefill or prompt-lookup decoding (refused in-LLM).  The video methods
+(EVS, VidCom2, DyCoke) on Qwen get their own draws, on prompts with at least one video, and the
+same checks.
 
-Default profile: 150 + 100 + 20 fixed examples (derandomized).
+Default profile: 150 + 100 + 30 fixed examples (derandomized).
 ``VISPRUNE_FUZZ=large``: ten times as many, drawn afresh on every run.
 """
 import copy
@@ -215,10 +216,10 @@ def _engine_cases(draw, video=False):
             at = len(row) if draw(st.booleans()) else draw(st.integers(0, len(row)))
             row.insert(at, unit)
         rows.append(row)
-    # pre-LLM and video methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones
-    # everywhere
+    # pre-LLM methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones everywhere;
+    # with ``video``, a video method
     method = draw(st.sampled_from(VIDEO if video else INLLM + (
-        ("divprune", "trimtokenator") + VIDEO if qwen else ())))
+        ("divprune", "trimtokenator") if qwen else ())))
     count = draw(st.sampled_from([int, np.int64, torch.tensor]))
     kwargs = {}
     if method in ("fastv", "dart"):
@@ -243,28 +244,41 @@ def _engine_cases(draw, video=False):
             "seed": draw(st.integers(0, 2**16))}
 
 
+class _Tokens(int):
+    """A unit's token count; ``frames``: its frame count where it is a whole video (a video
+    method prunes only those), else None."""
+
+    frames = None
+
+
+def _video_unit(n, frames):
+    unit = _Tokens(n)
+    unit.frames = frames
+    return unit
+
+
 def _engine_inputs(model, case):
-    """The case's batch; per row, its units' token counts in prompt order (a video's frames
-    with ``per_frame``) and each unit's frame count where it is a whole video (else None)."""
+    """The case's batch and, per row, its units' token counts in prompt order (a video's frames
+    with ``per_frame``; a whole video's count carries its frame count)."""
     if not case["family"].startswith("qwen"):
         inputs = _batch(model, case["rows"], seed=case["seed"])
         counts = ([16] * len(inputs["pixel_values"]) if "image_sizes" not in inputs else
                   [len(f) for f in model.model.get_image_features(
                       inputs["pixel_values"], inputs["image_sizes"]).pooler_output])
         images = iter(counts)
-        units = [[next(images) for x in r if x == "<image>"] for r in case["rows"]]
-        return inputs, units, [[None] * len(row) for row in units]
+        return inputs, [[next(images) for x in r if x == "<image>"] for r in case["rows"]]
     from test_qwen import _prompt
     per_frame = case["kwargs"].get("per_frame", False)
-    units, videos = [], []
+    units = []
     for r in case["rows"]:
         units.append([])
-        videos.append([])
         for kind, (t, h, w) in (x for x in r if isinstance(x, tuple)):
-            frames = t if kind == "video" and per_frame else 1
+            if kind == "video" and not per_frame:
+                units[-1].append(_video_unit(t * h * w // 4, t))
+                continue
+            frames = t if kind == "video" else 1
             units[-1] += [t * h * w // 4 // frames] * frames
-            videos[-1] += [t if kind == "video" and not per_frame else None] * frames
-    return _prompt(model, case["rows"], seed=case["seed"]), units, videos
+    return _prompt(model, case["rows"], seed=case["seed"]), units
 
 
 def _dycoke_kept(keep, T, P):
@@ -279,10 +293,10 @@ def _dycoke_kept(keep, T, P):
     return max(fits) if fits else totals[0]
 
 
-def _kept_per_unit(case, n, frames=None):
+def _kept_per_unit(case, n):
     """Tokens a unit of ``n`` keeps as the README states, or None when the budget does not fit
-    (DART: the exact count depends on the text pivots found; at least one).  ``frames``: a
-    whole video's frame count (a video method prunes only those; images pass whole)."""
+    (DART: the exact count depends on the text pivots found; at least one).  A video method
+    prunes whole videos only (``n.frames``); images pass whole."""
     kw = case["kwargs"]
     if case["method"] == "fitprune":
         total = sum(int(v) for v in kw["recipe"].values())
@@ -290,6 +304,7 @@ def _kept_per_unit(case, n, frames=None):
     keep = kw["keep"]
     keep = int(keep) if not isinstance(keep, float) else float(keep)
     if case["method"] in VIDEO:
+        frames = getattr(n, "frames", None)
         if frames is None:
             return n
         P = n // frames
@@ -316,25 +331,11 @@ def test_generate_is_refused_cleanly_or_behaves(case):
     and the model still answers; or generate() keeps the caller's prompt, generates with or
     without a cache (and on a deep copy of the enabled model) the same tokens, every unit keeps
     its documented count (DART: at least one), and disable() gives back the unpruned model."""
-    _check_engine_case(case)
-
-
-@settings(FUZZ, max_examples=200 if LARGE else 20)
-@given(case=_engine_cases(video=True))
-def test_video_methods_on_qwen_behave(case):
-    """EVS, VidCom2 and DyCoke on Qwen2.5-VL / Qwen3-VL prompts with at least one video (the
-    draws above reach them only now and then): as the test above, every video keeps the
-    method's documented count and images pass whole."""
-    _check_engine_case(case)
-
-
-def _check_engine_case(case):
-    """The engine test's checks on one case (see the tests above)."""
     model = _family_model(case["family"])
     qwen = case["family"].startswith("qwen")
     tower = model.model.visual if qwen else model.model.vision_tower
     with torch.no_grad():
-        inputs, units, videos = _engine_inputs(model, case)
+        inputs, units = _engine_inputs(model, case)
     placeholders = [model.config.image_token_id] + (
         [model.config.video_token_id] if qwen else [])
     width = inputs["input_ids"].shape[1]
@@ -342,8 +343,7 @@ def _check_engine_case(case):
                 logits_processor=transformers.LogitsProcessorList([_Ban(placeholders + [2])]))
     with torch.no_grad():
         unpruned = model.generate(**inputs, **call)
-    fits = [[_kept_per_unit(case, n, f) for n, f in zip(row, fr)]
-            for row, fr in zip(units, videos)]
+    fits = [[_kept_per_unit(case, n) for n in row] for row in units]
     window = getattr(model.config.text_config, "sliding_window", None)
     refusal = (None if case["option"] is None else NotImplementedError) or (
         ValueError if any(None in row for row in fits)
@@ -399,3 +399,12 @@ def _check_engine_case(case):
         handle.disable()
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, **call), unpruned)
+
+
+@settings(FUZZ, max_examples=300 if LARGE else 30)
+@given(case=_engine_cases(video=True))
+def test_video_methods_on_qwen_behave(case):
+    """EVS, VidCom2 and DyCoke on Qwen2.5-VL / Qwen3-VL prompts with at least one video: the
+    checks of :func:`test_generate_is_refused_cleanly_or_behaves` (every video keeps the
+    method's documented count, images pass whole)."""
+    test_generate_is_refused_cleanly_or_behaves.hypothesis.inner_test(case)
