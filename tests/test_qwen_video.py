@@ -134,6 +134,59 @@ def test_kept_tokens_are_the_methods_on_each_video_and_the_logits_follow(model, 
     assert int(first) == int(manual[0, -1].argmax())
 
 
+def _manual_greedy(model, inputs, kept, steps):
+    """Greedy decoding by hand without a cache (batch 1, a prompt ending with text): the
+    language model on the kept tokens at the unpruned prompt's positions (Qwen3-VL: deepstack
+    features at the kept tokens), each new token at the last token's position + 1 in every
+    channel; placeholder ids banned as in :data:`GREEDY`."""
+    inner = model.model
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    enc = inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    slots = (ids[0] == VID).nonzero()[:, 0]
+    embeds[0, slots] = torch.cat(list(enc.pooler_output))
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[slots] = False
+    start = 0
+    for k, f in zip(kept, enc.pooler_output):
+        keep[slots[start + k]] = True
+        start += len(f)
+    pos, _ = inner.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                  video_grid_thw=inputs["video_grid_thw"])
+    visual = torch.zeros(ids.shape[1], dtype=torch.bool)
+    visual[slots] = True
+    deep = None
+    if getattr(enc, "deepstack_features", None) is not None:
+        deep = [torch.cat(list(d))[keep[slots]] for d in enc.deepstack_features]
+    x, p, vis = embeds[:, keep], pos[:, :, keep], visual[keep]
+    new = []
+    for _ in range(steps):
+        extra = {} if deep is None else dict(visual_pos_masks=vis[None],
+                                             deepstack_visual_embeds=deep)
+        out = inner.language_model(inputs_embeds=x, position_ids=p, **extra)
+        scores = model.lm_head(out.last_hidden_state[:, -1])
+        scores[:, [IMG, VID]] = -math.inf
+        token = scores.argmax(-1)
+        new.append(int(token))
+        x = torch.cat([x, inner.get_input_embeddings()(token)[:, None]], 1)
+        p = torch.cat([p, p[:, :, -1:] + 1], 2)
+        vis = torch.cat([vis, torch.zeros(1, dtype=torch.bool)])
+    return new
+
+
+@pytest.mark.parametrize("method", SELECTION)
+def test_generated_tokens_equal_greedy_decoding_by_hand(model, method):
+    """Four new tokens of generate() (with a cache) equal a greedy loop of the language model
+    run by hand on the kept tokens at the unpruned prompt's positions."""
+    inputs = _prompt(model, [[3, 4, ("video", [4, 4, 6]), 5, ("video", [3, 2, 4]), 6, 7]])
+    with visprune.enable(model, method, keep=0.4) as h, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, **GREEDY)
+        kept = [k.clone() for k in h.kept]
+    with torch.no_grad():
+        want = _manual_greedy(model, inputs, kept, 4)
+    assert out[0, -4:].tolist() == want
+
+
 @pytest.mark.parametrize("method", SELECTION)
 def test_keep_all_reproduces_the_unpruned_model(model, method):
     """``keep=1.0`` keeps every token of EVS and VidCom2 (``q = 0``) and of DyCoke on an even
