@@ -15,9 +15,11 @@ sliding-window (Mistral) backbone, and the pre-LLM methods on Qwen: the examples
 videos (Qwen3-VL's one run per frame), units that end their row, tiny images with fractional
 budgets, ``per_frame`` (on prompts with or without videos), counts as Python ints, NumPy
 integers or 0-d tensors, generation with or without a cache, on a deep copy of the enabled
-model, and chunked prefill or prompt-lookup decoding (refused in-LLM).
+model, and chunked prefill or prompt-lookup decoding (refused in-LLM).  The video methods
+(EVS, VidCom2, DyCoke) on Qwen get their own draws, on prompts with at least one video, and the
+same checks.
 
-Default profile: 150 + 100 fixed examples (derandomized), under a minute on two cores.
+Default profile: 150 + 100 + 30 fixed examples (derandomized).
 ``VISPRUNE_FUZZ=large``: ten times as many, drawn afresh on every run.
 """
 import copy
@@ -36,6 +38,7 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import visprune  # noqa: E402
+from visprune.methods import dycoke_count, evs_count, vidcom2_count  # noqa: E402
 from test_integration import (EOS, IMAGE, PAD, _batch, _build, _EosBias,  # noqa: E402
                               _snapshot, _stop_steps)
 
@@ -180,6 +183,7 @@ LAYERS = {"llava": 2, "llava_next": 2, "qwen2_5_vl": 3, "qwen3_vl": 4, "windowed
 QWEN_GRIDS = [[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 4, 6]]         # 1, 2, 4, 6 merged tokens
 QWEN_VIDEOS = [[2, 2, 4], [3, 4, 4]]                             # 2x2, 3x4 tokens per frame
 INLLM = ("fastv", "fitprune", "dart")
+VIDEO = ("evs", "vidcom2", "dycoke")
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,16 +196,19 @@ def _family_model(family):
 
 
 @st.composite
-def _engine_cases(draw):
-    family = draw(st.sampled_from(FAMILIES))
+def _engine_cases(draw, video=False):
+    """A case of the engine's property test; ``video``: a video method on Qwen, and the first
+    row's first unit a video."""
+    family = draw(st.sampled_from(("qwen2_5_vl", "qwen3_vl") if video else FAMILIES))
     qwen = family.startswith("qwen")
     rows = []
     for _ in range(draw(st.integers(1, 2))):
         row = draw(st.lists(TEXT, min_size=1, max_size=4))
         units = draw(st.integers(1, 2 if qwen else 1))
-        for _ in range(units):
+        for u in range(units):
             if qwen:
-                unit = (("video", draw(st.sampled_from(QWEN_VIDEOS))) if draw(st.booleans())
+                is_video = (video and not rows and u == 0) or draw(st.booleans())
+                unit = (("video", draw(st.sampled_from(QWEN_VIDEOS))) if is_video
                         else ("image", draw(st.sampled_from(QWEN_GRIDS))))
             else:
                 unit = "<image>"
@@ -209,8 +216,10 @@ def _engine_cases(draw):
             at = len(row) if draw(st.booleans()) else draw(st.integers(0, len(row)))
             row.insert(at, unit)
         rows.append(row)
-    # pre-LLM methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones everywhere
-    method = draw(st.sampled_from(INLLM + (("divprune", "trimtokenator") if qwen else ())))
+    # pre-LLM methods on Qwen (per_frame, trailing images, tiny units), in-LLM ones everywhere;
+    # with ``video``, a video method
+    method = draw(st.sampled_from(VIDEO if video else INLLM + (
+        ("divprune", "trimtokenator") if qwen else ())))
     count = draw(st.sampled_from([int, np.int64, torch.tensor]))
     kwargs = {}
     if method in ("fastv", "dart"):
@@ -225,7 +234,7 @@ def _engine_cases(draw):
         kwargs.update(pivot_image=draw(st.integers(0, 2)), pivot_text=draw(st.integers(1, 3)))
     if method == "trimtokenator" and isinstance(kwargs["keep"], float) and kwargs["keep"] > 0.8:
         kwargs["stage1_keep"] = 1.0            # the default 0.8 is refused below keep
-    if qwen and draw(st.booleans()):
+    if qwen and method not in VIDEO and draw(st.booleans()):
         kwargs["per_frame"] = True
     options = [None] + ([("prefill_chunk_size", 4), ("prompt_lookup_num_tokens", 2)]
                         if method in INLLM else [])
@@ -235,9 +244,22 @@ def _engine_cases(draw):
             "seed": draw(st.integers(0, 2**16))}
 
 
+class _Tokens(int):
+    """A unit's token count; ``frames``: its frame count where it is a whole video (a video
+    method prunes only those), else None."""
+
+    frames = None
+
+
+def _video_unit(n, frames):
+    unit = _Tokens(n)
+    unit.frames = frames
+    return unit
+
+
 def _engine_inputs(model, case):
     """The case's batch and, per row, its units' token counts in prompt order (a video's frames
-    with ``per_frame``)."""
+    with ``per_frame``; a whole video's count carries its frame count)."""
     if not case["family"].startswith("qwen"):
         inputs = _batch(model, case["rows"], seed=case["seed"])
         counts = ([16] * len(inputs["pixel_values"]) if "image_sizes" not in inputs else
@@ -251,20 +273,45 @@ def _engine_inputs(model, case):
     for r in case["rows"]:
         units.append([])
         for kind, (t, h, w) in (x for x in r if isinstance(x, tuple)):
-            frames = t if kind == "video" and per_frame else 1
+            if kind == "video" and not per_frame:
+                units[-1].append(_video_unit(t * h * w // 4, t))
+                continue
+            frames = t if kind == "video" else 1
             units[-1] += [t * h * w // 4 // frames] * frames
     return _prompt(model, case["rows"], seed=case["seed"]), units
 
 
+def _dycoke_kept(keep, T, P):
+    """DyCoke's count of a video for ``keep`` as the README states: ``P`` per whole frame,
+    ``n`` per compared one; a fraction gives ``k = 1 - keep``, a count the largest ``n`` whose
+    total is not above it (else ``n = 0``)."""
+    if isinstance(keep, float):
+        return dycoke_count(P, T, 1 - keep)
+    pairs, groups = T // 2, len(range(0, T - 4, 4))
+    totals = [P if T == 1 else pairs * (P + n) - groups * (P - n) for n in range(P + 1)]
+    fits = [v for v in totals if v <= keep]
+    return max(fits) if fits else totals[0]
+
+
 def _kept_per_unit(case, n):
     """Tokens a unit of ``n`` keeps as the README states, or None when the budget does not fit
-    (DART: the exact count depends on the text pivots found; at least one)."""
+    (DART: the exact count depends on the text pivots found; at least one).  A video method
+    prunes whole videos only (``n.frames``); images pass whole."""
     kw = case["kwargs"]
     if case["method"] == "fitprune":
         total = sum(int(v) for v in kw["recipe"].values())
         return n - total if total < n else None
     keep = kw["keep"]
     keep = int(keep) if not isinstance(keep, float) else float(keep)
+    if case["method"] in VIDEO:
+        frames = getattr(n, "frames", None)
+        if frames is None:
+            return n
+        P = n // frames
+        if case["method"] == "dycoke":
+            return _dycoke_kept(keep, frames, P)
+        count, floor = {"evs": (evs_count, P), "vidcom2": (vidcom2_count, frames)}[case["method"]]
+        return count(P, frames, 1 - keep) if isinstance(keep, float) else max(floor, min(keep, n))
     if case["method"] in ("divprune", "trimtokenator"):        # Qwen: a smaller unit keeps all
         return min(n, keep) if isinstance(keep, int) else min(n, max(1, math.floor(keep * n + .5)))
     if case["method"] == "fastv":
@@ -352,3 +399,12 @@ def test_generate_is_refused_cleanly_or_behaves(case):
         handle.disable()
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, **call), unpruned)
+
+
+@settings(FUZZ, max_examples=300 if LARGE else 30)
+@given(case=_engine_cases(video=True))
+def test_video_methods_on_qwen_behave(case):
+    """EVS, VidCom2 and DyCoke on Qwen2.5-VL / Qwen3-VL prompts with at least one video: the
+    checks of :func:`test_generate_is_refused_cleanly_or_behaves` (every video keeps the
+    method's documented count, images pass whole)."""
+    test_generate_is_refused_cleanly_or_behaves.hypothesis.inner_test(case)

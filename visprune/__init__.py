@@ -22,6 +22,7 @@ def enable(model, method="trimtokenator", keep=None, **method_kwargs):
     Pre-LLM methods (``trimtokenator``, ``divprune``, ``holov``, ``prumerge``) prune between the
     projector and the language model; in-LLM methods (``fastv`` with ``keep`` and ``layer``,
     ``fitprune`` with ``recipe``, ``dart`` with ``keep`` and ``layer``) between decoder layers.
+    Video methods (``evs``, ``vidcom2``, ``dycoke``, ...) prune Qwen2.5-VL / Qwen3-VL videos.
 
     See :func:`visprune.integrations.transformers.enable`.  transformers is imported on the
     first call, not by ``import visprune`` (``pip install visprune[transformers]``).

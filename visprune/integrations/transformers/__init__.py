@@ -6,6 +6,9 @@
   ``vispruner``, ``cdpruner``) prune each image's tokens between the projector and the language
   model: LLaVA-1.5 / LLaVA-NeXT in :mod:`.llava`, Qwen2.5-VL / Qwen3-VL (images and videos,
   original M-RoPE positions kept) in :mod:`.qwen`;
+* video methods (``evs``, ``vidcom2``, ``dycoke``; ``fastvid`` and ``holitom`` where
+  :mod:`visprune.methods` has them) prune each video's merged tokens on Qwen2.5-VL / Qwen3-VL
+  (:mod:`.qwen`; the table and the budget mapping in :mod:`.video`);
 * in-LLM methods (``fastv``, ``fitprune``, ``dart``) prune visual tokens between decoder layers,
   with the layers' own SDPA/eager attention (:mod:`.inllm`).
 """
@@ -17,11 +20,13 @@ from .llava import METHODS as PRE_LLM_METHODS
 from .llava import PruningHandle, _cls_attention, active_handle  # noqa: F401  (_cls_attention: tests)
 from .qwen import QWEN_METHODS, QwenPruningHandle
 from .qwen import SUPPORTED as _QWEN
+from .video import VIDEO_METHODS as _VIDEO
 
 __all__ = ["enable", "active_handle", "PruningHandle", "QwenPruningHandle", "InLLMHandle", "METHODS",
-           "PRE_LLM_METHODS", "QWEN_METHODS", "INLLM_METHODS"]
+           "PRE_LLM_METHODS", "QWEN_METHODS", "INLLM_METHODS", "VIDEO_METHODS"]
 
-METHODS = PRE_LLM_METHODS + INLLM_METHODS
+VIDEO_METHODS = tuple(_VIDEO)
+METHODS = PRE_LLM_METHODS + INLLM_METHODS + VIDEO_METHODS
 
 
 def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
@@ -30,7 +35,8 @@ def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
     Pre-LLM methods: see :class:`visprune.integrations.transformers.llava.PruningHandle`
     (LLaVA) and :class:`visprune.integrations.transformers.qwen.QwenPruningHandle` (Qwen2.5-VL,
     Qwen3-VL: ``keep`` an int or a fraction per image / video, ``per_frame=True`` for a budget
-    per video frame).  In-LLM methods:
+    per video frame; video methods ``evs``, ``vidcom2``, ``dycoke``, ... with ``keep`` per
+    video or the method's own budget parameter).  In-LLM methods:
     ``enable(model, "fastv", keep=..., layer=2)``, ``enable(model, "fitprune", recipe=...)`` and
     ``enable(model, "dart", keep=..., layer=2)``,
     see :class:`visprune.integrations.transformers.inllm.InLLMHandle`.
@@ -40,4 +46,8 @@ def enable(model, method: str = "trimtokenator", keep=None, **method_kwargs):
         return InLLMHandle(model, method, keep, method_kwargs)
     if isinstance(model, _QWEN):
         return QwenPruningHandle(model, method, keep, method_kwargs)
+    if method in VIDEO_METHODS:
+        raise ValueError(f"{method} prunes videos on Qwen2.5-VL and Qwen3-VL "
+                         f"({', '.join(c.__name__ for c in _QWEN)}), got "
+                         f"{type(model).__name__}")
     return PruningHandle(model, method, keep, method_kwargs)
