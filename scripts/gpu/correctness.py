@@ -242,6 +242,8 @@ def _cases() -> List[Case]:
                                                            frames=video(i)[1], backend=b))
     case("dycoke", "frames", lambda i, b: methods.dycoke(video(i)[0], frames=video(i)[1],
                                                          backend=b))
+    case("prunevid", "frames", lambda i, b: methods.prunevid(video(i)[0], frames=video(i)[1],
+                                                             backend=b))
     return C
 
 
