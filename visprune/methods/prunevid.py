@@ -153,27 +153,28 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
            tau: float, cluster_ratio: float, k: int, max_unclustered: int, cdt: torch.dtype,
            backend: str) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Steps 2–4 on consecutive windows ``wins`` (``(first frame t0, W)`` each, ``frame_ids``
-    their frames' rows of ``video[B·T, P, D]``, window by window): ``(tokens[M, D] in cdt,
-    positions[M], tokens per window)``."""
+    their frames' rows of ``video[B·T, P, D]``, window by window, on the CPU): ``(tokens[M, D]
+    in cdt, positions[M], tokens per window)``.  Nothing is written into ``video``'s rows."""
     P, D = video.shape[1:]
     dev = video.device
     G = len(wins)
-    x = video.index_select(0, frame_ids).to(cdt)                 # [F, P, D]
+    lo = int(frame_ids[0])
+    if int(frame_ids[-1]) - lo == len(frame_ids) - 1:             # one video's run of frames
+        x = video[lo:lo + len(frame_ids)].to(cdt)                 # [F, P, D], a view in fp32
+    else:
+        x = video.index_select(0, frame_ids.to(dev)).to(cdt)
     sizes = torch.tensor([w for _, w in wins], device=dev)
     first = _exclusive(sizes)                                    # each window's first row of x
 
-    # a window's sums over its frames, frame after frame (a fixed order: no atomics); windows of
-    # one size together
-    unit_sum = x.new_zeros(G, P, D)
-    token_sum = x.new_zeros(G, P, D)
-    u = F.normalize(x, p=2, dim=-1)
-    for W in sorted({w for _, w in wins}):
-        sel = (sizes == W).nonzero().squeeze(1)
-        for w in range(W):
-            rows = first[sel] + w
-            unit_sum[sel] += u[rows]
-            token_sum[sel] += x[rows]
-    del u
+    # each window's sums over its frames (plain reductions: no atomics, the same on every run)
+    unit_sum = x.new_empty(G, P, D)
+    token_sum = x.new_empty(G, P, D)
+    start = 0
+    for g, (_, W) in enumerate(wins):
+        frames = x[start:start + W]
+        torch.sum(F.normalize(frames, p=2, dim=-1), 0, out=unit_sum[g])
+        torch.sum(frames, 0, out=token_sum[g])
+        start += W
     pairs = (sizes * (sizes - 1)).to(cdt)
     sim = (unit_sum.square().sum(-1) - sizes[:, None].to(cdt)) / pairs.clamp(min=1)[:, None]
     del unit_sum
@@ -311,8 +312,7 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
             nbytes += wins[j][2] * per_frame
             j += 1
         group = wins[i:j]
-        frame_ids = torch.tensor([b * T + t0 + w for b, t0, W in group for w in range(W)],
-                                 device=dev)
+        frame_ids = torch.tensor([b * T + t0 + w for b, t0, W in group for w in range(W)])
         out, pos, per_window = _group(flat, frame_ids, [(t0, W) for _, t0, W in group], tau,
                                       cluster_ratio, k, max_unclustered, cdt, name)
         parts.append(out)
