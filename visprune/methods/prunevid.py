@@ -49,13 +49,17 @@ statement-by-statement transliteration of the original in float64 (``tests/prune
 
 **Deviations.**  Deterministic: the original adds ``1e-6·rand`` to the density to break its ties;
 here a density tie goes to the lower index (denser) and a score tie to the lower index
-(:func:`visprune.ops.dpc_knn`), which on continuous inputs gives the original's result (tested
-with the noise on).  Where the original crashes or divides by zero: at least one temporal and
-one spatial cluster (``int(·)`` of a small count gives 0, and its ``topk(0)`` fails); ``k`` above
-a group's size uses all of it (its ``topk`` fails); a one-frame window (only a one-frame video
-has one) has no static position (the original divides by ``W·(W-1) = 0``, and its NaN / ±inf
-make a position static by the rounding of a token's cosine with itself).  Batches and ragged
-videos (``frames=``); the original is batch 1 with ``T`` fixed by its configuration.
+(:func:`visprune.ops.dpc_knn`).  Where no two densities or scores of a clustering are within
+the noise, the original gives that result for every draw (tested with the noise on); where
+some are, the original itself is random.  Scores are fp32: two clusters of a group whose scores
+differ by less than that rounding may come in the other order than exact arithmetic gives (the
+same tokens at the same positions; one such pair in the 32 × 196 × 3584 benchmark video).
+Where the original crashes or divides by zero: at least one temporal and one spatial cluster
+(``int(·)`` of a small count gives 0, and its ``topk(0)`` fails); ``k`` above a group's size
+uses all of it (its ``topk`` fails); a one-frame window (only a one-frame video has one) has no
+static position (the original divides by ``W·(W-1) = 0``, and its NaN / ±inf make a position
+static by the rounding of a token's cosine with itself).  Batches and ragged videos
+(``frames=``); the original is batch 1 with ``T`` fixed by its configuration.
 
 **The in-LLM stage is not provided.**  The original also prunes inside the LLM
 (``models/pllava/llama.py``): at layer ``selected_layer = 10`` it takes the eager attention of the
@@ -198,7 +202,8 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
     frame_t = t0[win_of_frame] + (torch.arange(x.shape[0], device=dev) - first[win_of_frame])
     dest_s = (unit_off[unit_static][:, None] + static.cumsum(1) - 1)[static]
     dest_d = (unit_off[unit_frame][:, None] + dynamic.cumsum(1) - 1)[dynamic]
-    total = int(unit_len.sum())
+    lens = unit_len.tolist()                                     # the sizes as host ints
+    total = sum(lens)
     tokens = x.new_empty(total, D)
     tokens[dest_s] = (token_sum / sizes.to(cdt)[:, None, None])[static]
     tokens[dest_d] = x[dynamic]
@@ -209,7 +214,6 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
 
     # DPC-kNN on the groups larger than max_unclustered (the others: no centre), then each
     # cluster's mean, centre included
-    lens = unit_len.tolist()
     centers = [max(1, int(n * cluster_ratio)) if n > max_unclustered else 0 for n in lens]
     cu = torch.zeros(U + 1, dtype=torch.long, device=dev)
     cu[1:] = torch.cumsum(unit_len, 0)
@@ -225,7 +229,8 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
     # each unit's output: its clusters in score order, or its tokens as they are
     out_len = torch.where(n_centers > 0, n_centers, unit_len)
     out_off = _exclusive(out_len)
-    M = int(out_len.sum())
+    out_lens = [c if c else n for c, n in zip(centers, lens)]
+    M = sum(out_lens)
     out = tokens.new_empty(M, D)
     out_pos = torch.empty(M, dtype=torch.long, device=dev)
     c_unit = unit_of[r.centers]
@@ -237,8 +242,11 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
     k_dest = out_off[k_unit] + keep - unit_off[k_unit]
     out[k_dest] = tokens[keep]
     out_pos[k_dest] = pos[keep]
-    per_window = out_len.split((sizes + 1).tolist())
-    return out, out_pos, [int(n.sum()) for n in per_window]
+    per_window, u = [], 0
+    for _, W in wins:                                            # a static unit and W frames
+        per_window.append(sum(out_lens[u:u + 1 + W]))
+        u += 1 + W
+    return out, out_pos, per_window
 
 
 def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = TEMPORAL_RATIO,
