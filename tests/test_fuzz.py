@@ -1082,7 +1082,7 @@ def prunevid_cases(r):
                    "k": r.pick([7, 3, 50]), "max_unclustered": r.pick([14, 0, 4])}}
 
 
-@fuzz(12)
+@fuzz(10)
 @given(case=cases(prunevid_cases))
 def test_prunevid_properties(case):
     """PruneVid on any finite tokens (zero and tiny tokens, exact duplicates, layouts), settings
@@ -1096,8 +1096,9 @@ def test_prunevid_properties(case):
     x = x3.unflatten(1, (T, x3.shape[1] // T))
     B, _, P, D = x.shape
     frames = [T] * B if case["frames"] is None else [int(t) for t in case["frames"]]
+    # each group of tokens is one more DPC-kNN call: Triton's interpreter on the smaller videos
     out = run_all(lambda be: prunevid(x, frames=case["frames"], backend=be, **kw),
-                  backends_for(T * P, D), x)
+                  [be for be in backends_for(T * P, D) if be != "triton" or T * P <= 48], x)
     ref = out["reference"]
     for be, res in out.items():
         assert torch.equal(res.indices, ref.indices), be
