@@ -67,7 +67,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--md", help="write the table as markdown here")
     parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     rows = []
     for T, P, D in QUICK if args.quick else SHAPES:

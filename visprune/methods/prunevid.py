@@ -312,7 +312,7 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
     # 2-4. the windows in groups of about CHUNK_BYTES of frames
     flat = video.reshape(B * T, P, D)
     per_frame = P * D * torch.finfo(cdt).bits // 8
-    parts, positions, lengths = [], [], [0] * B
+    pieces, lengths = [], [0] * B              # pieces: (row, offset, tokens, positions)
     i = 0
     while i < len(wins):
         j, nbytes = i, 0
@@ -323,16 +323,21 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
         frame_ids = torch.tensor([b * T + t0 + w for b, t0, W in group for w in range(W)])
         out, pos, per_window = _group(flat, frame_ids, [(t0, W) for _, t0, W in group], tau,
                                       cluster_ratio, k, max_unclustered, cdt, name)
-        parts.append(out)
-        positions.append(pos)
-        for (b, _, _), n in zip(group, per_window):
+        at = 0
+        for (b, _, _), n in zip(group, per_window):             # each window's rows of out
+            pieces.append((b, lengths[b], out[at:at + n], pos[at:at + n]))
             lengths[b] += n
+            at += n
         i = j
+    del out, pos
 
+    # each piece copied into its row, then let go (the groups' outputs and the result are the
+    # only copies alive at once)
     L = max(lengths)
-    filled = torch.arange(L, device=dev) < torch.tensor(lengths, device=dev)[:, None]
     tokens = video.new_zeros(B, L, D)
-    tokens[filled] = torch.cat(parts).to(video.dtype)
     indices = torch.full((B, L), -1, dtype=torch.long, device=dev)
-    indices[filled] = torch.cat(positions)
+    while pieces:
+        b, at, part, pos = pieces.pop(0)
+        tokens[b, at:at + part.shape[0]] = part
+        indices[b, at:at + part.shape[0]] = pos
     return PruneResult(tokens, indices, torch.tensor(lengths, dtype=torch.long, device=dev))
