@@ -121,13 +121,15 @@ def test_the_cases_reach_every_branch():
 
 def test_windows_are_refine_clusters_and_segment_lengths():
     """The window rule on random label sequences (every length 1–24, few and many labels) is the
-    original's ``refine_clusters`` followed by ``segment_lengths``."""
+    original's ``refine_clusters`` followed by ``segment_lengths``; every window has two frames
+    or more unless the video has one."""
     rnd = random.Random(0)
     for _ in range(1500):
         T = rnd.randint(1, 24)
         labels = [rnd.randrange(rnd.randint(1, 6)) for _ in range(T)]
         want = orig.segment_lengths(orig.refine_clusters(torch.tensor([labels])))[0].tolist()
         assert pv._windows(labels) == want, labels
+        assert T == 1 or min(want) >= 2, labels          # no one-frame window but T = 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -205,7 +205,7 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
     lens = unit_len.tolist()                                     # the sizes as host ints
     total = sum(lens)
     tokens = x.new_empty(total, D)
-    tokens[dest_s] = (token_sum / sizes.to(cdt)[:, None, None])[static]
+    tokens[dest_s] = token_sum[static] / sizes.to(cdt)[:, None].expand(G, P)[static][:, None]
     tokens[dest_d] = x[dynamic]
     del token_sum, x
     pos = torch.empty(total, dtype=torch.long, device=dev)
@@ -334,7 +334,9 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
     # each piece copied into its row, then let go (the groups' outputs and the result are the
     # only copies alive at once)
     L = max(lengths)
-    tokens = video.new_zeros(B, L, D)
+    tokens = video.new_empty(B, L, D)
+    for b, n in enumerate(lengths):
+        tokens[b, n:] = 0
     indices = torch.full((B, L), -1, dtype=torch.long, device=dev)
     while pieces:
         b, at, part, pos = pieces.pop(0)
