@@ -91,6 +91,7 @@ MAX_UNCLUSTERED = 14      # a group of at most this many tokens is not clustered
 # the windows are worked through in groups of about this many bytes of frames (fp32): the
 # temporaries (the frames, their unit vectors, the groups' tokens) stay a few windows' size
 CHUNK_BYTES = 1 << 24
+COMPUTE = torch.float32   # the ops' dtype: every input dtype is computed in it
 
 
 def _windows(labels: List[int]) -> List[int]:
@@ -154,19 +155,19 @@ def _exclusive(n: torch.Tensor) -> torch.Tensor:
 
 
 def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, int]],
-           tau: float, cluster_ratio: float, k: int, max_unclustered: int, cdt: torch.dtype,
+           tau: float, cluster_ratio: float, k: int, max_unclustered: int,
            backend: str) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Steps 2–4 on consecutive windows ``wins`` (``(first frame t0, W)`` each, ``frame_ids``
     their frames' rows of ``video[B·T, P, D]``, window by window, on the CPU): ``(tokens[M, D]
-    in cdt, positions[M], tokens per window)``.  Nothing is written into ``video``'s rows."""
+    in fp32, positions[M], tokens per window)``.  Nothing is written into ``video``'s rows."""
     P, D = video.shape[1:]
     dev = video.device
     G = len(wins)
     lo = int(frame_ids[0])
     if int(frame_ids[-1]) - lo == len(frame_ids) - 1:             # one video's run of frames
-        x = video[lo:lo + len(frame_ids)].to(cdt)                 # [F, P, D], a view in fp32
+        x = video[lo:lo + len(frame_ids)].to(COMPUTE)             # [F, P, D]: fp32, a view
     else:
-        x = video.index_select(0, frame_ids.to(dev)).to(cdt)
+        x = video.index_select(0, frame_ids.to(dev)).to(COMPUTE)
     sizes = torch.tensor([w for _, w in wins], device=dev)
     first = _exclusive(sizes)                                    # each window's first row of x
 
@@ -179,8 +180,8 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
         torch.sum(F.normalize(frames, p=2, dim=-1), 0, out=unit_sum[g])
         torch.sum(frames, 0, out=token_sum[g])
         start += W
-    pairs = (sizes * (sizes - 1)).to(cdt)
-    sim = (unit_sum.square().sum(-1) - sizes[:, None].to(cdt)) / pairs.clamp(min=1)[:, None]
+    pairs = (sizes * (sizes - 1)).to(COMPUTE)
+    sim = (unit_sum.square().sum(-1) - sizes[:, None].to(COMPUTE)) / pairs.clamp(min=1)[:, None]
     del unit_sum
     static = (sim > tau) & (sizes > 1)[:, None]                  # [G, P]
 
@@ -205,7 +206,7 @@ def _group(video: torch.Tensor, frame_ids: torch.Tensor, wins: List[Tuple[int, i
     lens = unit_len.tolist()                                     # the sizes as host ints
     total = sum(lens)
     tokens = x.new_empty(total, D)
-    tokens[dest_s] = token_sum[static] / sizes.to(cdt)[:, None].expand(G, P)[static][:, None]
+    tokens[dest_s] = token_sum[static] / sizes.to(COMPUTE)[:, None].expand(G, P)[static][:, None]
     tokens[dest_d] = x[dynamic]
     del token_sum, x
     pos = torch.empty(total, dtype=torch.long, device=dev)
@@ -293,11 +294,10 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
         return PruneResult(video.new_zeros(0, 0, D), torch.zeros(0, 0, dtype=torch.long,
                                                                   device=dev),
                            torch.zeros(0, dtype=torch.long, device=dev))
-    cdt = torch.float32
 
     # 1. each video's frame means clustered; the windows from the labels
     real = torch.arange(T, device=dev) < torch.tensor(counts, device=dev)[:, None]
-    means = video.mean(dim=2, dtype=cdt)[real]                   # [ΣT_b, D]
+    means = video.mean(dim=2, dtype=COMPUTE)[real]               # [ΣT_b, D]
     cu = torch.tensor([0] + counts, device=dev).cumsum(0)
     r = ops.dpc_knn_varlen(means, cu, [max(1, int(t * temporal_ratio)) for t in counts], k=k,
                            backend=name, validate=False)
@@ -311,7 +311,7 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
 
     # 2-4. the windows in groups of about CHUNK_BYTES of frames
     flat = video.reshape(B * T, P, D)
-    per_frame = P * D * torch.finfo(cdt).bits // 8
+    per_frame = P * D * torch.finfo(COMPUTE).bits // 8
     pieces, lengths = [], [0] * B              # pieces: (row, offset, tokens, positions)
     i = 0
     while i < len(wins):
@@ -322,7 +322,7 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
         group = wins[i:j]
         frame_ids = torch.tensor([b * T + t0 + w for b, t0, W in group for w in range(W)])
         out, pos, per_window = _group(flat, frame_ids, [(t0, W) for _, t0, W in group], tau,
-                                      cluster_ratio, k, max_unclustered, cdt, name)
+                                      cluster_ratio, k, max_unclustered, name)
         at = 0
         for (b, _, _), n in zip(group, per_window):             # each window's rows of out
             pieces.append((b, lengths[b], out[at:at + n], pos[at:at + n]))
