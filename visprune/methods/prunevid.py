@@ -268,7 +268,9 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
             ``[0, 1]`` (the original's ``temporal_segment_ratio``).
         cluster_ratio: a clustered group of ``n`` tokens becomes ``int(n·cluster_ratio)`` (at
             least 1); in ``[0, 1]``.
-        k: neighbours in DPC-kNN's density, ``>= 1`` (a group of fewer uses all of it).
+        k: neighbours in DPC-kNN's density, ``>= 1`` (a group of fewer uses all of it), for
+            both clusterings (the original: its ``k`` argument, 7, for the frames, and a
+            hard-coded 7 for the groups).
         max_unclustered: groups of at most this many tokens are kept as they are, ``>= 0``.
         frames: ``None`` (every video has ``T`` frames) or each video's frame count (a sequence
             or 1-D integer tensor of ``B`` ints in ``[1, T]``): the frames past it are padding.
