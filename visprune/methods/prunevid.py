@@ -303,11 +303,11 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
     cu = torch.tensor([0] + counts, device=dev).cumsum(0)
     r = ops.dpc_knn_varlen(means, cu, [max(1, int(t * temporal_ratio)) for t in counts], k=k,
                            backend=name, validate=False)
-    labels = r.assign.split(counts)
+    labels = r.assign.tolist()                                   # every video's, one read
     wins = []                                                    # (b, t0, W), in output order
-    for b, lab in enumerate(labels):
-        t0 = 0
-        for W in _windows(lab.tolist()):
+    for b, t in enumerate(counts):
+        t0, first = 0, sum(counts[:b])
+        for W in _windows(labels[first:first + t]):
             wins.append((b, t0, W))
             t0 += W
 
