@@ -304,12 +304,13 @@ def prunevid(video: torch.Tensor, *, tau: float = TAU, temporal_ratio: float = T
     r = ops.dpc_knn_varlen(means, cu, [max(1, int(t * temporal_ratio)) for t in counts], k=k,
                            backend=name, validate=False)
     labels = r.assign.tolist()                                   # every video's, one read
-    wins = []                                                    # (b, t0, W), in output order
+    wins, first = [], 0                                          # (b, t0, W), in output order
     for b, t in enumerate(counts):
-        t0, first = 0, sum(counts[:b])
+        t0 = 0
         for W in _windows(labels[first:first + t]):
             wins.append((b, t0, W))
             t0 += W
+        first += t
 
     # 2-4. the windows in groups of about CHUNK_BYTES of frames
     flat = video.reshape(B * T, P, D)
