@@ -51,10 +51,11 @@ from visprune import ops  # noqa: E402
 from visprune.backends import backend_status  # noqa: E402
 from visprune.methods import divprune, holov, prumerge, trimtokenator  # noqa: E402
 from visprune.methods import dycoke, dycoke_count, evs, evs_count  # noqa: E402
-from visprune.methods import fastvid, vidcom2, vidcom2_count  # noqa: E402
+from visprune.methods import fastvid, prunevid, vidcom2, vidcom2_count  # noqa: E402
 from visprune.methods import holov as holov_module  # noqa: E402
 
 import fastvid_originals  # noqa: E402
+import prunevid_originals  # noqa: E402
 import video_originals  # noqa: E402
 
 from helpers import (distance_matrix_literal, equal_count_mask, mi_scores_literal,  # noqa: E402
@@ -1155,6 +1156,64 @@ def test_fastvid_properties(case):
             assert kept.tolist() == want.tolist(), (b, t)
 
 
+# =========================================================================== PruneVid
+def prunevid_cases(r):
+    T = r.pick([1, 2, 3, 4, 5, 8])
+    P = r.pick([1, 3, 7, 15, 16, 20])
+    spec = token_specs(r, n_choices=[T * P], specials=FINITE_SPECIALS, min_d=2)
+    frames = None
+    if spec["B"] and r.flip():
+        frames = [r.randint(1, T) for _ in range(spec["B"])]
+        frames = r.pick([frames, torch.tensor(frames), np.array(frames)])
+    return {"spec": spec, "T": T, "frames": frames,
+            "kw": {"tau": r.pick([0.8, 0.5, 0.95, -1.0, 1.0]),
+                   "temporal_ratio": r.pick([0.25, 0.5, 1.0, 0.0]),
+                   "cluster_ratio": r.pick([0.5, 0.25, 1.0, 0.0]),
+                   "k": r.pick([7, 3, 50]), "max_unclustered": r.pick([14, 0, 4])}}
+
+
+@fuzz(10)
+@given(case=cases(prunevid_cases))
+def test_prunevid_properties(case):
+    """PruneVid on any finite tokens (zero and tiny tokens, exact duplicates, layouts), settings
+    and ragged frame counts: per row distinct positions of the row's real frames, whose frames
+    never go back through the output, -1 and zero tokens past the length, inputs untouched, the
+    row's result alone (bit for bit), the same positions and lengths on every backend (tokens
+    within fp32 rounding); without exact ties (no duplicates or special tokens), the
+    transliterated original's positions (one video at a time, float64)."""
+    spec, T, kw = case["spec"], case["T"], case["kw"]
+    x3 = make_tokens(spec)
+    x = x3.unflatten(1, (T, x3.shape[1] // T))
+    B, _, P, D = x.shape
+    frames = [T] * B if case["frames"] is None else [int(t) for t in case["frames"]]
+    # each group of tokens is one more DPC-kNN call: Triton's interpreter on the smaller videos
+    out = run_all(lambda be: prunevid(x, frames=case["frames"], backend=be, **kw),
+                  [be for be in backends_for(T * P, D) if be != "triton" or T * P <= 48], x)
+    ref = out["reference"]
+    for be, res in out.items():
+        assert torch.equal(res.indices, ref.indices), be
+        assert torch.equal(res.lengths, ref.lengths), be
+        assert res.tokens.dtype == x.dtype and res.tokens.shape == (B, res.indices.shape[1], D)
+        assert torch.allclose(res.tokens.float(), ref.tokens.float(), atol=1e-4, rtol=1e-3), be
+    ties = spec["n_distinct"] is not None or spec["specials"]
+    for b, t in enumerate(frames):
+        n = int(ref.lengths[b])
+        kept = ref.indices[b, :n]
+        assert len(set(kept.tolist())) == n and bool(((kept >= 0) & (kept < t * P)).all())
+        assert bool(((kept // P)[1:] >= (kept // P)[:-1]).all()), (b, kept)
+        assert bool((ref.indices[b, n:] == -1).all()) and not bool(ref.tokens[b, n:].any())
+        alone = prunevid(x[b:b + 1, :t], **kw)
+        assert torch.equal(alone.indices[0], kept) and same_bits(alone.tokens[0],
+                                                                 ref.tokens[b, :n]), b
+        if not ties:
+            packed = x[b, :t].reshape(1, t * P, D).double()
+            _, want = prunevid_originals.merge_frames_dynamic(
+                packed, t, threshold=kw["tau"], k=kw["k"],
+                temporal_segment_ratio=kw["temporal_ratio"], cluster_ratio=kw["cluster_ratio"],
+                max_unclustered=kw["max_unclustered"], dist_dtype=torch.float64)
+            assert kept.tolist() == want.tolist(), (b, t)
+
+
 # =========================================================================== video ops
 def dpc_cases(r, finite_only=False):
     spec = token_specs(r, specials=FINITE_SPECIALS if finite_only else SPECIALS,
@@ -1571,6 +1630,19 @@ _err("fastvid-global_features-shape", "global_features")(
 _err("fastvid-global_features-no-channels", "global_features")(
     lambda be: fastvid(_V, _S, global_features=_S[..., :0], backend=be))
 _err("fastvid-frames-over-T", "frames")(lambda be: fastvid(_V, _S, frames=[3, 2], backend=be))
+
+
+for _arg, _bads in (("tau", [1.5, -1.5, float("nan"), "0.8", None, True]),
+                    ("temporal_ratio", [1.5, -0.25, float("nan"), "0.25"]),
+                    ("cluster_ratio", [2.0, -0.5, None]), ("k", [0, 2.5, True, None]),
+                    ("max_unclustered", [-1, 1.5, "14"])):
+    for _i, _bad in enumerate(_bads):
+        _err(f"prunevid-{_arg}-{_i}", _arg)(lambda be, a=_arg, v=_bad: prunevid(_V, backend=be,
+                                                                             **{a: v}))
+_err("prunevid-video-3d", "video")(lambda be: prunevid(_V[0], backend=be))
+_err("prunevid-video-int", "video")(lambda be: prunevid(_V.long(), backend=be))
+_err("prunevid-frames-over-T", "frames")(lambda be: prunevid(_V, frames=[3, 2], backend=be))
+_err("prunevid-frames-zero", "frames")(lambda be: prunevid(_V, frames=[2, 0], backend=be))
 
 
 @pytest.mark.parametrize("call,name", ERRORS)

@@ -251,6 +251,8 @@ def _cases() -> List[Case]:
         video(i)[0], i["attn"][:, :video(i)[0].shape[1] * video(i)[0].shape[2]].reshape(
             video(i)[0].shape[:3]), variant="qwen2_5_vl", r=0.5, c=2, tau=0.0, ignore=0.5,
         p=2, frames=video(i)[1], backend=b))
+    case("prunevid", "frames", lambda i, b: methods.prunevid(video(i)[0], frames=video(i)[1],
+                                                             backend=b))
     return C
 
 

@@ -8,6 +8,7 @@ from .evs import evs, evs_count
 from .fastvid import fastvid
 from .holov import holov
 from .prumerge import prumerge, prumerge_cls_attention
+from .prunevid import prunevid
 from .trimtokenator import trimtokenator
 from .vidcom2 import vidcom2, vidcom2_count
 from .visionzip import visionzip, visionzip_attention
@@ -16,4 +17,4 @@ from .vispruner import vispruner
 __all__ = ["trimtokenator", "divprune", "prumerge", "prumerge_cls_attention", "holov",
            "visionzip", "visionzip_attention", "vispruner", "cdpruner", "dpp_map", "dart",
            "evs", "evs_count", "vidcom2", "vidcom2_count", "dycoke", "dycoke_count",
-           "fastvid"]
+           "fastvid", "prunevid"]
