@@ -478,10 +478,58 @@ def test_holitom_entry_gets_the_attention_received_with_a_stub(qwen25, monkeypat
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("keep", [0.5, 10])
+def test_prunevid_on_each_video(qwen25, keep):
+    """PruneVid through the integration keeps, per video, what PruneVid keeps of that video
+    alone (``cluster_ratio`` from ``keep``; ``max_unclustered`` passed through, the tiny
+    frames' 6 and 4 tokens being below its default 14); its merged tokens enter at
+    their positions (logits equal the hand-run model on them), and generate() with and without
+    a cache agree."""
+    model = qwen25
+    options = {"max_unclustered": 2}
+    inputs = _prompt(model, [[3, 4, ("video", [4, 4, 6]), 5, ("video", [2, 4, 4]), 6]])
+    with visprune.enable(model, "prunevid", keep=keep, **options) as h, torch.no_grad():
+        logits = model(**inputs).logits
+        kept = [k.clone() for k in h.kept]
+        cached = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        uncached = model.generate(**inputs, max_new_tokens=3, use_cache=False, **GREEDY)
+    assert torch.equal(cached, uncached)
+    tokens = []
+    for v, video in enumerate(_videos(model, inputs)):
+        T, P, _ = video.shape
+        ratio = video_parameter("prunevid", keep, T, P)
+        assert ratio == (keep if isinstance(keep, float) else min(1.0, keep / (T * P)))
+        res = methods.prunevid(video[None], cluster_ratio=ratio, **options)
+        n = int(res.lengths[0])
+        idx, order = res.indices[0, :n].sort()
+        assert kept[v].tolist() == idx.tolist()
+        tokens.append(res.tokens[0, :n][order])
+    assert sum(len(k) for k in kept) < sum(v.shape[0] * v.shape[1]
+                                           for v in _videos(model, inputs))
+    with torch.no_grad():
+        manual = _manual_merged(model, inputs, kept, tokens)
+    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_video_methods_are_refused_on_qwen3():
+    """A merged token's deepstack features are undefined: the merging methods are refused on
+    Qwen3-VL at enable, and the model still answers unpruned afterwards."""
+    model = _qwen3()
+    inputs = _prompt(model, [[3, ("video", [2, 4, 4]), 5]])
+    with torch.no_grad():
+        before = model(**inputs).logits
+    for method in ("fastvid", "holitom", "prunevid"):
+        with pytest.raises(ValueError, match="deepstack"):
+            visprune.enable(model, method, keep=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
+
+
 def test_table_entries_say_what_each_method_needs():
     table = video_table.VIDEO_METHODS
     assert {m: e.parameter for m, e in table.items()} == {
-        "evs": "q", "vidcom2": "q", "dycoke": "k", "fastvid": "r", "holitom": "retain_ratio"}
-    assert [m for m, e in table.items() if e.merges] == ["fastvid", "holitom"]
+        "evs": "q", "vidcom2": "q", "dycoke": "k", "fastvid": "r", "holitom": "retain_ratio",
+        "prunevid": "cluster_ratio"}
+    assert [m for m, e in table.items() if e.merges] == ["fastvid", "holitom", "prunevid"]
     assert table["fastvid"].needs == "saliency" and dict(table["fastvid"].fixed) == {
         "variant": "qwen2_5_vl"}

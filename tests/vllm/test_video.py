@@ -311,6 +311,15 @@ def test_content_dependent_video_count_is_refused(monkeypatch):
         settings(_Config({"method": "evs", "keep": 0.5}), "qwen")
 
 
+@pytest.mark.parametrize("method", ["fastvid", "prunevid", "holitom"])
+def test_merging_video_methods_are_refused_in_serving(method):
+    """FastVID, PruneVid and HoliTom keep as many tokens as the video's content gives: refused
+    at start-up with the reason (vLLM fixes the placeholder count before the encoder runs)."""
+    with pytest.raises(ValueError, match=rf"method '{method}' is not supported in vLLM: its "
+                                         r"token count depends on the video's content"):
+        settings(_Config({"method": method, "keep": 0.5}), "qwen")
+
+
 def test_a_wrong_count_function_fails_at_start_up(monkeypatch):
     monkeypatch.setitem(VIDEO_METHODS, "evs", VideoMethod(rate="q",
                                                           count=methods.vidcom2_count))

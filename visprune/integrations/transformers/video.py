@@ -35,6 +35,9 @@ dycoke    ``k``             fraction: ``k = 1 - f`` (each compared frame keeps
 fastvid   ``r``             fraction: ``r = f``; count: ``r = min(1, c/N)`` (FastVID's own
                             rounding per frame and segment decides the count)
 holitom   ``retain_ratio``  as fastvid
+prunevid  ``cluster_ratio`` as fastvid: the share of each group's tokens its clusters keep
+                            (a group of at most ``max_unclustered`` tokens stays whole, and
+                            the static merge removes more, so the count is the method's own)
 ========  ================  =================================================================
 """
 from __future__ import annotations
@@ -93,8 +96,8 @@ def _dycoke_k(keep, T: int, P: int) -> float:
 
 
 def _share(keep, T: int, P: int) -> float:
-    """FastVID's ``r`` and HoliTom's ``retain_ratio``: the fraction, or ``count / (T·P)`` (at
-    most 1)."""
+    """FastVID's ``r``, HoliTom's ``retain_ratio`` and PruneVid's ``cluster_ratio``: the
+    fraction, or ``count / (T·P)`` (at most 1)."""
     if isinstance(keep, float):
         return keep
     return min(1.0, keep / (T * P))
@@ -107,6 +110,7 @@ VIDEO_METHODS = {
     "fastvid": VideoMethod("r", _share, needs="saliency", merges=True,
                            fixed=(("variant", "qwen2_5_vl"),)),
     "holitom": VideoMethod("retain_ratio", _share, needs="attention", merges=True),
+    "prunevid": VideoMethod("cluster_ratio", _share, merges=True),
 }
 
 # what each entry's budget gives a video, for the methods with a count function here

@@ -123,6 +123,12 @@ VIDEO_METHODS: Dict[str, VideoMethod] = {
     "evs": VideoMethod(rate="q", count=methods.evs_count),
     "vidcom2": VideoMethod(rate="q", count=methods.vidcom2_count),
     "dycoke": VideoMethod(rate="k", count=methods.dycoke_count),
+    "fastvid": VideoMethod(rate="r", count=None, refused="its segments, cut where adjacent "
+                           "frames differ, decide how many tokens each keeps"),
+    "prunevid": VideoMethod(rate="cluster_ratio", count=None, refused="it merges the static "
+                            "positions it finds over each window into one token each"),
+    "holitom": VideoMethod(rate="retain_ratio", count=None, refused="it merges the static "
+                           "tokens of the windows it finds, and rescales the budget for them"),
 }
 # What the plugin passes to a video method itself (besides the rate).
 _VIDEO_SUPPLIED = {"video", "frames"}
