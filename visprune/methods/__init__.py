@@ -5,6 +5,7 @@ from .dart import dart
 from .divprune import divprune
 from .dycoke import dycoke, dycoke_count
 from .evs import evs, evs_count
+from .holitom import holitom
 from .holov import holov
 from .prumerge import prumerge, prumerge_cls_attention
 from .trimtokenator import trimtokenator
@@ -14,4 +15,4 @@ from .vispruner import vispruner
 
 __all__ = ["trimtokenator", "divprune", "prumerge", "prumerge_cls_attention", "holov",
            "visionzip", "visionzip_attention", "vispruner", "cdpruner", "dpp_map", "dart",
-           "evs", "evs_count", "vidcom2", "vidcom2_count", "dycoke", "dycoke_count"]
+           "evs", "evs_count", "vidcom2", "vidcom2_count", "dycoke", "dycoke_count", "holitom"]
