@@ -325,9 +325,11 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
     slot_of.scatter_(1, order, torch.where(filled, torch.arange(L, device=dev), -1)
                      .expand(B, L).contiguous())
     assign = slot_of.reshape(-1)[home_of].view(B, N)      # -1: neither kept nor merged
+    # the padding slots' anchors may be any tokens (members of other slots included): the
+    # kept tokens leave the members through the mask, not include_centers
     merged = ops.cluster_merge(work.reshape(B, N, D), spare_filled(index, N), assign,
-                               include_centers=beta is None, blend=beta, blend_rule="fixed",
-                               backend=name, validate=False)
+                               mask=None if beta is None else slot_of < 0, blend=beta,
+                               blend_rule="fixed", backend=name, validate=False)
     tokens = merged.tokens.to(video.dtype)
     if min(lengths) < L:
         tokens.masked_fill_(~filled[..., None], 0)
