@@ -92,6 +92,19 @@ def test_the_originals_density_noise_changes_nothing_on_continuous_tokens(seed):
         check(res, 0, tokens, positions, 1e-5)
 
 
+def test_one_centre_is_the_groups_first_token():
+    """With one centre (``k = 1``) every density is ``exp(0)``: the original's centre is its
+    noise's pick; visprune's the group's first token, every other token merged into it."""
+    x = torch.randn(1, 1, 20, 8, dtype=torch.float64).expand(1, 6, 20, 8)
+    res = holitom(x, torch.rand(1, 6, 20), retain_ratio=0.01)       # r' = 0.06: one centre
+    assert res.indices.tolist() == [[0]]
+    want = 0.6 * x[0, 0, 0] + 0.4 * x[0, 0, 1:].mean(0)
+    torch.testing.assert_close(res.tokens[0, 0], want, rtol=0, atol=1e-6)
+    tokens, positions, _ = original(x[0], torch.rand(6, 20, dtype=torch.float64),
+                                    retain_ratio=0.01)
+    check(res, 0, tokens, positions, 1e-6)
+
+
 def test_windows_are_the_originals_dynamic_programme():
     """The windows and the tokens they remove, on similarity patterns with many equal-valued
     choices (whole-frame repeats, ties between windows), every window limit."""

@@ -47,7 +47,10 @@ differ from the original's only where rounding decides a near-tie.  Deviations:
   to the lower index (denser), a score tie to the lower index; attention ties go to the lower
   position (the original's ``topk`` leaves them to the implementation); a token equally near
   two centres joins the centre of higher score (the original: the lower position).  On
-  continuous inputs the noise changes nothing (tested);
+  continuous inputs with ``k >= 3`` neighbours the noise changes nothing (tested); with
+  ``k = min(K, C) <= 2`` densities tie exactly (``k = 1``: every density is ``exp(0)``, so the
+  original's one centre is the noise's pick and visprune's the group's first token; ``k = 2``:
+  mutual nearest neighbours), and there the original's choice is random;
 * the window means, merges and token arithmetic accumulate in fp32 (float64 for float64
   inputs' means), where the original rounds to the input's dtype at each step;
 * ``d > 0`` crashes the original (``pos.masked_select(mask.unsqueeze(-1))`` broadcasts
