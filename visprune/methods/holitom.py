@@ -248,9 +248,40 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
                                                                   device=dev),
                            torch.zeros(B, dtype=torch.long, device=dev))
 
-    # static tokens: each anchor slot holds its window's mean
-    work = video if video.dtype in checks.FLOATS else video.float()
-    flat_anchor = anchor.reshape(-1).nonzero().squeeze(1)
+    # 5: the attention tokens of each frame (ties: lower position)
+    dom_t = torch.from_numpy(dom).to(dev)
+    chosen = torch.zeros(B, T, P, dtype=torch.bool, device=dev)
+    if attention is not None and dom.any():
+        by_attn = attention.sort(dim=-1, descending=True, stable=True).indices
+        order = by_attn.gather(-1, (~dyn.gather(-1, by_attn)).to(torch.uint8)
+                               .sort(dim=-1, stable=True).indices)
+        chosen.scatter_(-1, order, torch.arange(P, device=dev) < dom_t[..., None])
+
+    # the groups DPC-kNN clusters: every static group (at its window's first frame) and every
+    # frame's other dynamic tokens
+    rest = dyn & ~chosen & (torch.from_numpy(ctx).to(dev) > 0)[..., None]
+    grouped = anchor & (torch.from_numpy(centres_of).to(dev) > 0)[..., None]
+    frame_id = 2 * (torch.arange(B, device=dev)[:, None] * T + frame_no)[..., None]
+    group = torch.where(grouped, frame_id, torch.where(rest, frame_id + 1, -1)).reshape(-1)
+    member = group >= 0
+
+    # the tokens that reach the result (kept or merged), compacted per row: [B, M, D], the
+    # grouped anchors holding their window's mean (the video is read, never copied whole)
+    involved = (member | chosen.reshape(-1)).view(B, N)
+    m_rows = involved.sum(1)
+    M = int(m_rows.max())
+    comp_pos = torch.where(torch.arange(M, device=dev) < m_rows[:, None],
+                           (~involved).to(torch.uint8).sort(dim=-1, stable=True).indices[:, :M],
+                           -1)
+    comp_of = torch.full((B, N), M, dtype=torch.long, device=dev)
+    comp_of.scatter_(1, spare_filled(comp_pos, N), torch.where(comp_pos >= 0, torch.arange(
+        M, device=dev), M).expand(B, M).contiguous())
+    cflat = (torch.arange(B, device=dev)[:, None] * M + comp_of.clamp(max=M - 1)).reshape(-1)
+    work, _ = ops.gather_compact(video.reshape(B, N, D), spare_filled(comp_pos, N), sort=False,
+                                 backend=name, validate=False)
+    if work.dtype not in checks.FLOATS:
+        work = work.float()
+    flat_anchor = grouped.reshape(-1).nonzero().squeeze(1)
     if flat_anchor.numel():
         acc = torch.float64 if video.dtype == torch.float64 else torch.float32
         slot = torch.full((B * N,), flat_anchor.numel(), dtype=torch.long, device=dev)
@@ -261,47 +292,28 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
         sums = torch.zeros(flat_anchor.numel() + 1, D, dtype=acc, device=dev)
         sums.index_add_(0, member_slot, video.reshape(B * N, D).to(acc))
         mean = sums[:-1] / size_t.reshape(-1)[flat_anchor // P][:, None].to(acc)
-        work = work.contiguous().clone()
-        work.view(B * N, D)[flat_anchor] = mean.to(work.dtype)
+        work.view(B * M, D)[cflat[flat_anchor]] = mean.to(work.dtype)
 
-    # 5: the attention tokens of each frame (ties: lower position)
-    dom_t = torch.from_numpy(dom).to(dev)
-    chosen = torch.zeros(B, T, P, dtype=torch.bool, device=dev)
-    if attention is not None and dom.any():
-        by_attn = attention.sort(dim=-1, descending=True, stable=True).indices
-        order = by_attn.gather(-1, (~dyn.gather(-1, by_attn)).to(torch.uint8)
-                               .sort(dim=-1, stable=True).indices)
-        chosen.scatter_(-1, order, torch.arange(P, device=dev) < dom_t[..., None])
-
-    # 4-5: DPC-kNN of every static group (at its window's first frame) and every frame's rest
-    ctx_t = torch.from_numpy(ctx).to(dev)
-    centres_t = torch.from_numpy(centres_of).to(dev)
-    rest = dyn & ~chosen & (ctx_t > 0)[..., None]
-    grouped = anchor & (centres_t > 0)[..., None]
-    group = torch.where(grouped, 2 * (torch.arange(B, device=dev)[:, None] * T + frame_no)[..., None],
-                        torch.where(rest, 2 * (torch.arange(B, device=dev)[:, None] * T
-                                               + frame_no)[..., None] + 1, -1)).reshape(-1)
+    # 4-5: DPC-kNN of every group, one call per neighbour count k = min(K, centres)
     is_centre = torch.zeros(B * N, dtype=torch.bool, device=dev)
     home_of = torch.arange(B * N, device=dev)           # each token's centre (itself by default)
-    member = group >= 0
     if bool(member.any()):
         pos = member.nonzero().squeeze(1)
-        gid = group[pos]
-        gid, by = gid.sort(stable=True)
+        gid, by = group[pos].sort(stable=True)
         pos = pos[by]
         ids, sizes = torch.unique_consecutive(gid, return_counts=True)
         ids_h, sizes_h = ids.tolist(), sizes.tolist()
-        want = [int(centres_of.reshape(-1)[g // 2]) if g % 2 == 0 else int(ctx.reshape(-1)[g // 2])
-                for g in ids_h]
+        want = [int(centres_of.reshape(-1)[g // 2]) if g % 2 == 0
+                else int(ctx.reshape(-1)[g // 2]) for g in ids_h]
         kk = np.minimum(k, want)
         elem_k = torch.repeat_interleave(torch.from_numpy(kk).to(dev), sizes)
         for kv in np.unique(kk).tolist():
             sel = np.nonzero(kk == kv)[0]
             seg_pos = pos if sel.size == kk.size else pos[elem_k == kv]
             seg_len = [sizes_h[g] for g in sel.tolist()]
-            cu = torch.tensor([0] + np.cumsum(seg_len).tolist(), dtype=torch.long, device=dev)
             n_c = [want[g] for g in sel.tolist()]
-            res = ops.dpc_knn_varlen(work.reshape(B * N, D)[seg_pos], cu, n_c, k=kv,
+            cu = torch.tensor([0] + np.cumsum(seg_len).tolist(), dtype=torch.long, device=dev)
+            res = ops.dpc_knn_varlen(work.view(B * M, D)[cflat[seg_pos]], cu, n_c, k=kv,
                                      backend=name, validate=False)
             centre_pos = seg_pos[res.centers]
             is_centre[centre_pos] = True
@@ -328,11 +340,15 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
     slot_of.scatter_(1, order, torch.where(filled, torch.arange(L, device=dev), -1)
                      .expand(B, L).contiguous())
     assign = slot_of.reshape(-1)[home_of].view(B, N)      # -1: neither kept nor merged
+    assign_c = torch.full((B, M + 1), -1, dtype=torch.long, device=dev)
+    assign_c.scatter_(1, comp_of, assign)                  # uninvolved tokens: the spare column
+    assign_c = assign_c[:, :M]
+    centres_c = spare_filled(torch.where(filled, comp_of.gather(1, order), -1), M)
     # the padding slots' anchors may be any tokens (members of other slots included): the
     # kept tokens leave the members through the mask, not include_centers
-    merged = ops.cluster_merge(work.reshape(B, N, D), spare_filled(index, N), assign,
-                               mask=None if beta is None else slot_of < 0, blend=beta,
-                               blend_rule="fixed", backend=name, validate=False)
+    kept_c = torch.zeros(B, M, dtype=torch.bool, device=dev).scatter_(1, centres_c, filled)
+    merged = ops.cluster_merge(work, centres_c, assign_c, mask=None if beta is None else ~kept_c,
+                               blend=beta, blend_rule="fixed", backend=name, validate=False)
     tokens = merged.tokens.to(video.dtype)
     if min(lengths) < L:
         tokens.masked_fill_(~filled[..., None], 0)
