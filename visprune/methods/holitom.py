@@ -163,8 +163,8 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
         max_window: the longest window in frames, ``>= 1`` (``MAX_WINDOW_SIZE``).
         frames: None or each video's frame count (``B`` ints in ``[1, T]``): the frames past
             it are padding, never read into a result.
-        backend: validated like the ops (``None``: the device's default); used by the DPC-kNN
-            and merge ops.
+        backend: validated like the ops (``None``: the device's default); used by the gather,
+            DPC-kNN and merge ops.
 
     ``indices`` are positions in the flattened ``T·P`` in the original's output order; -1 and
     zero tokens past ``lengths[b]``.
@@ -266,7 +266,7 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
     member = group >= 0
 
     # the tokens that reach the result (kept or merged), compacted per row: [B, M, D], the
-    # grouped anchors holding their window's mean (the video is read, never copied whole)
+    # grouped anchors holding their window's mean (no copy of the whole video)
     involved = (member | chosen.reshape(-1)).view(B, N)
     m_rows = involved.sum(1)
     M = int(m_rows.max())
@@ -288,9 +288,13 @@ def holitom(video: torch.Tensor, attention: Optional[torch.Tensor] = None, *,
         slot[flat_anchor] = torch.arange(flat_anchor.numel(), device=dev)
         home = (torch.arange(B, device=dev)[:, None, None] * N + first_t[..., None] * P
                 + torch.arange(P, device=dev)).reshape(-1)
-        member_slot = torch.where(stat.reshape(-1), slot[home], flat_anchor.numel())
         sums = torch.zeros(flat_anchor.numel() + 1, D, dtype=acc, device=dev)
-        sums.index_add_(0, member_slot, video.reshape(B * N, D).to(acc))
+        if video.dtype == acc:          # read in place, the other tokens into a spare row
+            sums.index_add_(0, torch.where(stat.reshape(-1), slot[home], flat_anchor.numel()),
+                            video.reshape(B * N, D))
+        else:                           # only the static tokens, widened
+            rows = stat.reshape(-1).nonzero().squeeze(1)
+            sums.index_add_(0, slot[home[rows]], video.reshape(B * N, D)[rows].to(acc))
         mean = sums[:-1] / size_t.reshape(-1)[flat_anchor // P][:, None].to(acc)
         work.view(B * M, D)[cflat[flat_anchor]] = mean.to(work.dtype)
 
