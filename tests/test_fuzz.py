@@ -51,10 +51,11 @@ from visprune import ops  # noqa: E402
 from visprune.backends import backend_status  # noqa: E402
 from visprune.methods import divprune, holov, prumerge, trimtokenator  # noqa: E402
 from visprune.methods import dycoke, dycoke_count, evs, evs_count  # noqa: E402
-from visprune.methods import fastvid, prunevid, vidcom2, vidcom2_count  # noqa: E402
+from visprune.methods import fastvid, holitom, prunevid, vidcom2, vidcom2_count  # noqa: E402
 from visprune.methods import holov as holov_module  # noqa: E402
 
 import fastvid_originals  # noqa: E402
+import holitom_originals  # noqa: E402
 import prunevid_originals  # noqa: E402
 import video_originals  # noqa: E402
 
@@ -1214,6 +1215,73 @@ def test_prunevid_properties(case):
             assert kept.tolist() == want.tolist(), (b, t)
 
 
+# =========================================================================== HoliTom
+def holitom_cases(r):
+    T = r.pick([1, 2, 3, 4, 6, 9])
+    P = r.pick([1, 3, 4, 6, 9])
+    spec = token_specs(r, n_choices=[T * P], specials=FINITE_SPECIALS)
+    frames = None
+    if spec["B"] and r.flip():
+        frames = [r.randint(1, T) for _ in range(spec["B"])]
+        frames = r.pick([frames, torch.tensor(frames), np.array(frames)])
+    return {"spec": spec, "T": T, "frames": frames, "repeat": r.pick([0.0, 0.5, 0.9]),
+            "ties": r.flip(), "attn_seed": r.seed_value(),
+            "kw": {"retain_ratio": r.pick([0.1, 0.25, 0.5, 1.0, 0.0]),
+                   "tau": r.pick([0.8, 0.65, 1.0, -1.0]), "d": r.pick([0.0, 0.5, 1.0]),
+                   "beta": r.pick([0.6, None]), "k": r.pick([7, 1, 3]),
+                   "max_window": r.pick([1024, 2])}}
+
+
+@fuzz(25)
+@given(case=cases(holitom_cases))
+def test_holitom_properties(case):
+    """HoliTom on any finite tokens (frames repeated at a share of the positions, so that
+    windows form), attention with or without ties, any setting and ragged frame counts: per row
+    unique in-range positions of the row's real frames, -1 and zero tokens past them, the same
+    result on every backend and for the row alone, inputs untouched; on fp32 tokens without
+    duplicates and attention without ties, the transliterated original's positions (run on the
+    fp32 tokens: the similarities decide in the input's dtype)."""
+    spec, T, kw = case["spec"], case["T"], case["kw"]
+    x = make_tokens(spec).unflatten(1, (T, spec["N"] // T))
+    B, _, P, D = x.shape
+    g = _gen(case["attn_seed"])
+    keep = torch.rand(B, T, P, generator=g) < case["repeat"]
+    if case["repeat"]:
+        x = x.clone()           # (the drawn layout stays for cases without repeats)
+        for t in range(1, T):
+            x[:, t] = torch.where(keep[:, t, :, None], x[:, t - 1], x[:, t])
+    attention = torch.rand(B, T, P, generator=g)
+    if case["ties"]:
+        attention = (attention * 3).round()
+    frames = [T] * B if case["frames"] is None else [int(t) for t in case["frames"]]
+    out = run_all(lambda be: holitom(x, attention, frames=case["frames"], backend=be, **kw),
+                  backends_for(T * P, D), x, attention)
+    ref = out["reference"]
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-3
+    for be, res in out.items():
+        assert torch.equal(res.indices, ref.indices) and torch.equal(res.lengths, ref.lengths), be
+        assert res.tokens.dtype == x.dtype and res.tokens.shape == (B, ref.indices.shape[1], D)
+        torch.testing.assert_close(res.tokens.float(), ref.tokens.float(), rtol=tol, atol=tol)
+    compare = x.dtype == torch.float32 and not spec["specials"] and not case["ties"] \
+        and spec["n_distinct"] is None and D >= 2
+    for b, t in enumerate(frames):
+        n = int(ref.lengths[b])
+        kept = ref.indices[b, :n]
+        assert len(set(kept.tolist())) == n and bool(((kept >= 0) & (kept < t * P)).all()), b
+        assert bool((ref.indices[b, n:] == -1).all()) and not bool(ref.tokens[b, n:].any())
+        alone = holitom(x[b:b + 1, :t], attention[b:b + 1, :t], **kw)
+        assert torch.equal(alone.indices[0], kept), b
+        torch.testing.assert_close(alone.tokens[0].float(), ref.tokens[b, :n].float(),
+                                   rtol=tol, atol=tol)
+        if compare:
+            names = {"retain_ratio": "retain_ratio", "tau": "tau", "beta": "Beta", "d": "D",
+                     "k": "K", "max_window": "max_window_size"}
+            _, positions, _ = holitom_originals.holitom_video(
+                x[b, :t], attention[b, :t], dist_dtype=torch.float64,
+                **{names[k]: v for k, v in kw.items()})
+            assert kept.tolist() == positions.tolist(), (b, t)
+
+
 # =========================================================================== video ops
 def dpc_cases(r, finite_only=False):
     spec = token_specs(r, specials=FINITE_SPECIALS if finite_only else SPECIALS,
@@ -1630,6 +1698,16 @@ _err("fastvid-global_features-shape", "global_features")(
 _err("fastvid-global_features-no-channels", "global_features")(
     lambda be: fastvid(_V, _S, global_features=_S[..., :0], backend=be))
 _err("fastvid-frames-over-T", "frames")(lambda be: fastvid(_V, _S, frames=[3, 2], backend=be))
+
+_A = torch.rand(2, 2, 3)
+for _bad_label, _bad in (("ratio-over-one", {"retain_ratio": 1.5}), ("tau-str", {"tau": "0.8"}),
+                         ("beta-nan", {"beta": float("nan")}), ("d-negative", {"d": -0.5}),
+                         ("k-zero", {"k": 0}), ("max_window-float", {"max_window": 2.0})):
+    _err(f"holitom-{_bad_label}", next(iter(_bad)))(
+        lambda be, kw=_bad: holitom(_V, _A, backend=be, **kw))
+_err("holitom-attention-shape", "attention")(lambda be: holitom(_V, _A[:, :1], backend=be))
+_err("holitom-attention-none", "attention")(lambda be: holitom(_V, None, backend=be))
+_err("holitom-frames-over-T", "frames")(lambda be: holitom(_V, _A, frames=[3, 2], backend=be))
 
 
 for _arg, _bads in (("tau", [1.5, -1.5, float("nan"), "0.8", None, True]),

@@ -253,6 +253,15 @@ def _cases() -> List[Case]:
         p=2, frames=video(i)[1], backend=b))
     case("prunevid", "frames", lambda i, b: methods.prunevid(video(i)[0], frames=video(i)[1],
                                                              backend=b))
+
+    def video_attention(i):
+        B, N, _ = i["visual"].shape
+        return i["attn"][:, :6 * (N // 6)].reshape(B, 6, N // 6)
+
+    case("holitom", "d=0.5 frames", lambda i, b: methods.holitom(
+        video(i)[0], video_attention(i), d=0.5, frames=video(i)[1], backend=b))
+    case("holitom", "tau=-1 (static windows) beta=None", lambda i, b: methods.holitom(
+        video(i)[0], video_attention(i), tau=-1.0, beta=None, retain_ratio=0.25, backend=b))
     return C
 
 

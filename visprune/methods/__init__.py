@@ -6,6 +6,7 @@ from .divprune import divprune
 from .dycoke import dycoke, dycoke_count
 from .evs import evs, evs_count
 from .fastvid import fastvid
+from .holitom import holitom
 from .holov import holov
 from .prumerge import prumerge, prumerge_cls_attention
 from .prunevid import prunevid
@@ -17,4 +18,4 @@ from .vispruner import vispruner
 __all__ = ["trimtokenator", "divprune", "prumerge", "prumerge_cls_attention", "holov",
            "visionzip", "visionzip_attention", "vispruner", "cdpruner", "dpp_map", "dart",
            "evs", "evs_count", "vidcom2", "vidcom2_count", "dycoke", "dycoke_count",
-           "fastvid", "prunevid"]
+           "fastvid", "prunevid", "holitom"]

@@ -90,14 +90,22 @@ def padded_result(video: torch.Tensor, index: torch.Tensor, lengths: List[int],
     B, T, P, D = video.shape
     N = T * P
     valid = index >= 0
-    used = torch.zeros(B, N + 1, dtype=torch.bool, device=video.device)
-    used.scatter_(1, torch.where(valid, index, N), True)
-    spare = used[:, :N].to(torch.uint8).sort(dim=-1, stable=True).indices
-    pad_rank = ((~valid).long().cumsum(1) - 1).clamp(min=0)
-    fill = torch.where(valid, index, spare.gather(1, pad_rank))
-    tokens, _ = ops.gather_compact(video.reshape(B, N, D), fill, sort=False, backend=backend,
-                                   validate=False)
+    tokens, _ = ops.gather_compact(video.reshape(B, N, D), spare_filled(index, N), sort=False,
+                                   backend=backend, validate=False)
     if min(lengths, default=0) < index.shape[1]:
         tokens.masked_fill_(~valid[..., None], 0)        # a fresh gather: no copy needed
     return PruneResult(tokens, index, torch.tensor(lengths, dtype=torch.long,
                                                    device=video.device))
+
+
+def spare_filled(index: torch.Tensor, N: int) -> torch.Tensor:
+    """``index[B, L]`` (positions in ``[0, N)``, unique per row, -1 past a row's length) with each
+    -1 replaced by a distinct position the row does not hold, so the row is a valid unique index
+    for the ops (a row holds at most ``N >= L`` positions)."""
+    B = index.shape[0]
+    valid = index >= 0
+    used = torch.zeros(B, N + 1, dtype=torch.bool, device=index.device)
+    used.scatter_(1, torch.where(valid, index, N), True)
+    spare = used[:, :N].to(torch.uint8).sort(dim=-1, stable=True).indices
+    pad_rank = ((~valid).long().cumsum(1) - 1).clamp(min=0)
+    return torch.where(valid, index, spare.gather(1, pad_rank))
