@@ -478,6 +478,39 @@ def test_holitom_entry_gets_the_attention_received_with_a_stub(qwen25, monkeypat
                                atol=1e-6)
 
 
+@pytest.mark.skipif(not hasattr(methods, "holitom"), reason="visprune.methods has no HoliTom")
+@pytest.mark.parametrize("options", [{}, {"d": 0.5, "tau": 0.0}], ids=["default", "d=0.5"])
+def test_holitom_on_each_video_with_the_attention_received(qwen25, options):
+    """HoliTom through the integration keeps, per video, what HoliTom keeps of that video alone
+    given the attention each merged token receives in the tower's last block (from the tower's
+    own eager weights); its merged tokens enter at their positions (logits equal the hand-run
+    model on them), and generate() with and without a cache agree."""
+    model = qwen25
+    inputs = _prompt(model, [[3, 4, ("video", [4, 4, 6]), 5, ("video", [2, 4, 4]), 6]])
+    with visprune.enable(model, "holitom", keep=0.5, **options) as h, torch.no_grad():
+        logits = model(**inputs).logits
+        kept = [k.clone() for k in h.kept]
+        cached = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        uncached = model.generate(**inputs, max_new_tokens=3, use_cache=False, **GREEDY)
+    assert torch.equal(cached, uncached)
+    grids = inputs["video_grid_thw"]
+    pixels = inputs["pixel_values_videos"].split(grids.prod(-1).tolist())
+    tokens = []
+    for v, video in enumerate(_videos(model, inputs)):
+        T, P, _ = video.shape
+        attn = _tower_attention(model, pixels[v], grids[v:v + 1]).view(1, T, P)
+        res = methods.holitom(video[None], attn, retain_ratio=0.5, **options)
+        n = int(res.lengths[0])
+        idx, order = res.indices[0, :n].sort()
+        assert kept[v].tolist() == idx.tolist()
+        tokens.append(res.tokens[0, :n][order])
+    assert sum(len(k) for k in kept) < sum(v.shape[0] * v.shape[1]
+                                           for v in _videos(model, inputs))
+    with torch.no_grad():
+        manual = _manual_merged(model, inputs, kept, tokens)
+    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("keep", [0.5, 10])
 def test_prunevid_on_each_video(qwen25, keep):
     """PruneVid through the integration keeps, per video, what PruneVid keeps of that video
