@@ -20,24 +20,20 @@ Time and peak memory are measured as in ``bench_video_methods.py`` (interleaved 
 best and median; the resident set's peak during one call above its start, the inputs already
 resident).
 """
-import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 
 import torch
 
-from visprune.bench import fmt_time, measure
-from visprune.bench.report import _cpu_name
+from visprune.bench import fmt_time
 from visprune.methods import fastvid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 import fastvid_originals as orig  # noqa: E402
-from bench_video_methods import peak_bytes  # noqa: E402
+from bench_video_methods import (TIMING_COLUMNS, TIMING_RULE, command_line,  # noqa: E402
+                                 environment, header, parse, report, timed_row, timing_cells)
 
 SHAPES = [(32, 196, 896), (64, 196, 896), (32, 196, 3584), (64, 196, 3584)]
 QUICK = [(8, 196, 16)]       # --quick: the harness's smoke test
@@ -68,20 +64,12 @@ def original(variant, video, saliency, global_features):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--md", help="write the table as markdown here")
-    parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
+    parser = command_line(__doc__.splitlines()[0], threads=True)
     parser.add_argument("--shapes", nargs="+", help="TxPxD shapes instead of the default four")
-    parser.add_argument("--threads", type=int, help="torch's thread count (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     shapes = QUICK if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-    device = torch.device("cpu")
     rows = []
     for T, P, D in shapes:
         video, saliency, gf = make_inputs(T, P, D, seed=T + D)
@@ -97,49 +85,18 @@ def main(argv=None):
             if not torch.equal(mine.indices[0, :n], positions) or not torch.allclose(
                     mine.tokens[0, :n], tokens, rtol=0, atol=1e-4 * float(video.abs().max())):
                 raise SystemExit(f"{variant} {T}x{P}x{D}: visprune and the original disagree")
-            t = measure({"visprune": ours, "original": theirs}, device, min_reps=args.reps,
-                        max_reps=args.reps)
-            best = {k: 1e3 * min(v.samples) for k, v in t.items()}
-            median = {k: 1e3 * v.median for k, v in t.items()}
-            rows.append({"variant": variant, "T": T, "P": P, "D": D, "B": 1, "kept": n,
-                         "visprune_ms": best["visprune"], "original_ms": best["original"],
-                         "speedup": best["original"] / best["visprune"],
-                         "visprune_median_ms": median["visprune"],
-                         "original_median_ms": median["original"],
-                         "speedup_median": median["original"] / median["visprune"],
-                         "visprune_peak_MB": peak_bytes(ours) / 2**20,
-                         "original_peak_MB": peak_bytes(theirs) / 2**20,
-                         "input_MB": video.numel() * video.element_size() / 2**20})
-            print(f"{variant} {T}x{P} D={D}: {fmt_time(best['visprune'])} vs "
-                  f"{fmt_time(best['original'])}", file=sys.stderr)
-    env = {"machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
-           "load_average": round(os.getloadavg()[0], 1),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-           "reps": args.reps, "date": datetime.date.today().isoformat()}
-    for r in rows:
-        r.update(env)
-    lines = [f"FastVID against its original's code path; {env['machine']}, {env['threads']} "
-             f"threads, load average {env['load_average']} at the end, torch {env['torch']}, "
-             f"float32, one video, {args.reps} interleaved repetitions: best (median); each "
-             f"variant's default settings", "",
-             "| variant | T × P | D | kept | visprune | original | speed-up | peak extra memory: "
-             "visprune | original | (input) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['T']} × {r['P']} | {r['D']} | {r['kept']} | "
-                     f"{fmt_time(r['visprune_ms'])} ({fmt_time(r['visprune_median_ms'])}) | "
-                     f"{fmt_time(r['original_ms'])} ({fmt_time(r['original_median_ms'])}) | "
-                     f"{r['speedup']:.2f}× ({r['speedup_median']:.2f}×) | "
-                     f"{r['visprune_peak_MB']:.0f} MB | {r['original_peak_MB']:.0f} MB | "
-                     f"{r['input_MB']:.0f} MB |")
-    table = "\n".join(lines)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table + "\n")
+            r = timed_row(ours, theirs, video, args.reps, variant=variant, T=T, P=P, D=D, B=1,
+                          kept=n)
+            rows.append(r)
+            print(f"{variant} {T}x{P} D={D}: {fmt_time(r['visprune_ms'])} vs "
+                  f"{fmt_time(r['original_ms'])}", file=sys.stderr)
+    env = environment(args.reps)
+    lines = [header("FastVID against its original's code path", env,
+                    "each variant's default settings"), "",
+             f"| variant | T × P | D | kept | {TIMING_COLUMNS} |", "|---" * 4 + TIMING_RULE + "|"]
+    lines += [f"| {r['variant']} | {r['T']} × {r['P']} | {r['D']} | {r['kept']} | "
+              f"{timing_cells(r)} |" for r in rows]
+    report(rows, env, lines, args)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,7 @@ tokens within 1e-4.
 
 Time and peak memory are measured as in ``benchmarks/bench_video_methods.py``.
 """
-import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 
 import torch
@@ -32,12 +28,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from visprune.bench import fmt_time, measure  # noqa: E402
-from visprune.bench.report import _cpu_name  # noqa: E402
+from visprune.bench import fmt_time  # noqa: E402
 from visprune.methods import holitom  # noqa: E402
 
 import holitom_originals as orig  # noqa: E402
-from bench_video_methods import peak_bytes  # noqa: E402
+from bench_video_methods import (TIMING_COLUMNS, TIMING_RULE, command_line,  # noqa: E402
+                                 environment, header, parse, report, timed_row, timing_cells)
 
 SHAPES = [(32, 196, 896), (64, 196, 896), (32, 196, 3584), (64, 196, 3584)]
 QUICK = [(6, 16, 8)]
@@ -67,13 +63,7 @@ def original(video, attention, kw, noise=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--md", help="write the table as markdown here")
-    parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
-    args = parser.parse_args(argv)
-    device = torch.device("cpu")
+    args = parse(command_line(__doc__.splitlines()[0]), argv)
     rows = []
     for T, P, D in QUICK if args.quick else SHAPES:
         video, attention = make_video(T, P, D, T + D)
@@ -89,52 +79,18 @@ def main(argv=None):
                     not torch.allclose(mine.tokens[0, :n], tokens, rtol=0, atol=1e-4):
                 raise SystemExit(f"holitom {label} {T}x{P}x{D}: visprune and the original "
                                  f"disagree")
-            t = measure({"visprune": ours, "original": theirs}, device, min_reps=args.reps,
-                        max_reps=args.reps)
-            best = {k: 1e3 * min(v.samples) for k, v in t.items()}
-            median = {k: 1e3 * v.median for k, v in t.items()}
-            rows.append({"method": "holitom", "setting": label, "T": T, "P": P, "D": D, "B": 1,
-                         "kept": n, "windows": len(windows),
-                         "visprune_ms": best["visprune"], "original_ms": best["original"],
-                         "speedup": best["original"] / best["visprune"],
-                         "visprune_median_ms": median["visprune"],
-                         "original_median_ms": median["original"],
-                         "speedup_median": median["original"] / median["visprune"],
-                         "visprune_peak_MB": peak_bytes(ours) / 2**20,
-                         "original_peak_MB": peak_bytes(theirs) / 2**20,
-                         "input_MB": video.numel() * video.element_size() / 2**20})
-            print(f"holitom {label} {T}x{P} D={D}: {fmt_time(best['visprune'])} vs "
-                  f"{fmt_time(best['original'])}", file=sys.stderr)
-    env = {"machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
-           "load_average": round(os.getloadavg()[0], 1),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-           "reps": args.reps, "date": datetime.date.today().isoformat(),
-           "retain_ratio": 0.1, "tau": 0.8}
-    for r in rows:
-        r.update(env)
-    lines = [f"HoliTom against its original's code path; {env['machine']}, {env['threads']} "
-             f"threads, load average {env['load_average']} at the end, torch {env['torch']}, "
-             f"float32, one video, {args.reps} interleaved repetitions: best (median); "
-             f"retain_ratio 0.1, tau 0.8", "",
-             "| setting | T × P | D | windows | kept | visprune | original | speed-up | "
-             "peak extra memory: visprune | original | (input) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['T']} × {r['P']} | {r['D']} | {r['windows']} | "
-                     f"{r['kept']} | "
-                     f"{fmt_time(r['visprune_ms'])} ({fmt_time(r['visprune_median_ms'])}) | "
-                     f"{fmt_time(r['original_ms'])} ({fmt_time(r['original_median_ms'])}) | "
-                     f"{r['speedup']:.2f}× ({r['speedup_median']:.2f}×) | "
-                     f"{r['visprune_peak_MB']:.0f} MB | {r['original_peak_MB']:.0f} MB | "
-                     f"{r['input_MB']:.0f} MB |")
-    table = "\n".join(lines)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table + "\n")
+            r = timed_row(ours, theirs, video, args.reps, method="holitom", setting=label, T=T,
+                          P=P, D=D, B=1, kept=n, windows=len(windows))
+            rows.append(r)
+            print(f"holitom {label} {T}x{P} D={D}: {fmt_time(r['visprune_ms'])} vs "
+                  f"{fmt_time(r['original_ms'])}", file=sys.stderr)
+    env = environment(args.reps, retain_ratio=0.1, tau=0.8)
+    lines = [header("HoliTom against its original's code path", env, "retain_ratio 0.1, tau 0.8"),
+             "", f"| setting | T × P | D | windows | kept | {TIMING_COLUMNS} |",
+             "|---" * 5 + TIMING_RULE + "|"]
+    lines += [f"| {r['setting']} | {r['T']} × {r['P']} | {r['D']} | {r['windows']} | "
+              f"{r['kept']} | {timing_cells(r)} |" for r in rows]
+    report(rows, env, lines, args)
 
 
 if __name__ == "__main__":

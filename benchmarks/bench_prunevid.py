@@ -20,24 +20,20 @@ Time: interleaved repetitions (:func:`visprune.bench.measure`), the best and the
 Peak memory: the largest resident set during one call above the resident set at its start
 (``bench_video_methods.peak_bytes``), with the input tokens already resident.
 """
-import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 
 import torch
 
-from visprune.bench import fmt_time, measure
-from visprune.bench.report import _cpu_name
+from visprune.bench import fmt_time
 from visprune.methods import prunevid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import prunevid_originals as orig  # noqa: E402
-from bench_video_methods import peak_bytes  # noqa: E402
+from bench_video_methods import (TIMING_COLUMNS, TIMING_RULE, command_line,  # noqa: E402
+                                 environment, header, parse, report, timed_row, timing_cells)
 
 SHAPES = [(32, 196, 896), (64, 196, 896), (32, 196, 3584), (64, 196, 3584)]
 QUICK = [(8, 49, 16)]        # --quick: the harness's smoke test
@@ -62,16 +58,7 @@ def original(video, generator=None, dist_dtype=torch.float32):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--md", help="write the table as markdown here")
-    parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    args = parse(command_line(__doc__.splitlines()[0], threads=True), argv)
     rows = []
     for T, P, D in QUICK if args.quick else SHAPES:
         video = make_video(T, P, D, seed=T + D)
@@ -90,52 +77,21 @@ def main(argv=None):
         # the original's own float32 cdist: the positions it gives without the noise
         fp32_same = torch.equal(original(video)[1], exact)
         noise = torch.Generator().manual_seed(0)
-        t = measure({"visprune": lambda: prunevid(video),
-                     "original": lambda: original(video, noise)},
-                    device, min_reps=args.reps, max_reps=args.reps)
-        best = {k: 1e3 * min(v.samples) for k, v in t.items()}
-        median = {k: 1e3 * v.median for k, v in t.items()}
-        rows.append({"method": "prunevid", "T": T, "P": P, "D": D, "B": 1, "kept": n,
-                     "original_fp32_positions_exact": fp32_same, "order_swaps": swapped,
-                     "visprune_ms": best["visprune"], "original_ms": best["original"],
-                     "speedup": best["original"] / best["visprune"],
-                     "visprune_median_ms": median["visprune"],
-                     "original_median_ms": median["original"],
-                     "speedup_median": median["original"] / median["visprune"],
-                     "visprune_peak_MB": peak_bytes(lambda: prunevid(video)) / 2**20,
-                     "original_peak_MB": peak_bytes(lambda: original(video, noise)) / 2**20,
-                     "input_MB": video.numel() * video.element_size() / 2**20})
-        print(f"prunevid {T}x{P} D={D}: {fmt_time(best['visprune'])} vs "
-              f"{fmt_time(best['original'])}", file=sys.stderr)
-    env = {"machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
-           "load_average": round(os.getloadavg()[0], 1),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-           "reps": args.reps, "date": datetime.date.today().isoformat()}
-    for r in rows:
-        r.update(env)
-    lines = [f"PruneVid (pre-LLM stage) against its original's code path; {env['machine']}, "
-             f"{env['threads']} threads, load average {env['load_average']} at the end, torch "
-             f"{env['torch']}, float32, one video, {args.reps} interleaved repetitions: best "
-             f"(median); tau 0.8, temporal ratio 0.25, cluster ratio 0.5, k 7", "",
-             "| T × P | D | kept | visprune | original | speed-up | peak extra memory: "
-             "visprune | original | (input) | order swaps | original fp32 = exact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['T']} × {r['P']} | {r['D']} | {r['kept']} | "
-                     f"{fmt_time(r['visprune_ms'])} ({fmt_time(r['visprune_median_ms'])}) | "
-                     f"{fmt_time(r['original_ms'])} ({fmt_time(r['original_median_ms'])}) | "
-                     f"{r['speedup']:.2f}× ({r['speedup_median']:.2f}×) | "
-                     f"{r['visprune_peak_MB']:.0f} MB | {r['original_peak_MB']:.0f} MB | "
-                     f"{r['input_MB']:.0f} MB | {r['order_swaps']} | "
-                     f"{'yes' if r['original_fp32_positions_exact'] else 'no'} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table + "\n")
+        r = timed_row(lambda: prunevid(video), lambda: original(video, noise), video, args.reps,
+                      method="prunevid", T=T, P=P, D=D, B=1, kept=n,
+                      original_fp32_positions_exact=fp32_same, order_swaps=swapped)
+        rows.append(r)
+        print(f"prunevid {T}x{P} D={D}: {fmt_time(r['visprune_ms'])} vs "
+              f"{fmt_time(r['original_ms'])}", file=sys.stderr)
+    env = environment(args.reps)
+    lines = [header("PruneVid (pre-LLM stage) against its original's code path", env,
+                    "tau 0.8, temporal ratio 0.25, cluster ratio 0.5, k 7"), "",
+             f"| T × P | D | kept | {TIMING_COLUMNS} | order swaps | original fp32 = exact |",
+             "|---" * 3 + TIMING_RULE + "|---|---|"]
+    lines += [f"| {r['T']} × {r['P']} | {r['D']} | {r['kept']} | {timing_cells(r)} | "
+              f"{r['order_swaps']} | {'yes' if r['original_fp32_positions_exact'] else 'no'} |"
+              for r in rows]
+    report(rows, env, lines, args)
 
 
 if __name__ == "__main__":

@@ -78,14 +78,88 @@ def peak_bytes(fn) -> int:
     return _status("VmHWM") - start
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(description: str, threads: bool = False) -> argparse.ArgumentParser:
+    """The video benchmarks' options: ``--reps``, ``--json``, ``--md``, ``--quick`` and, with
+    ``threads``, ``--threads`` (:func:`parse` applies it)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--md", help="write the table as markdown here")
     parser.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
+    if threads:
+        parser.add_argument("--threads", type=int, help="torch's thread count (default: torch's)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The parsed options, ``--threads`` applied where given."""
     args = parser.parse_args(argv)
-    device = torch.device("cpu")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def timed_row(ours, theirs, video: torch.Tensor, reps: int, **fields) -> dict:
+    """``fields`` and the measurements of the calls ``ours`` and ``theirs`` (interleaved, ``reps``
+    repetitions): best and median in ms, the speed-ups, the peak extra memory of one call."""
+    t = measure({"visprune": ours, "original": theirs}, torch.device("cpu"), min_reps=reps,
+                max_reps=reps)
+    best = {k: 1e3 * min(v.samples) for k, v in t.items()}
+    median = {k: 1e3 * v.median for k, v in t.items()}
+    return {**fields, "visprune_ms": best["visprune"], "original_ms": best["original"],
+            "speedup": best["original"] / best["visprune"],
+            "visprune_median_ms": median["visprune"], "original_median_ms": median["original"],
+            "speedup_median": median["original"] / median["visprune"],
+            "visprune_peak_MB": peak_bytes(ours) / 2**20,
+            "original_peak_MB": peak_bytes(theirs) / 2**20,
+            "input_MB": video.numel() * video.element_size() / 2**20}
+
+
+def environment(reps: int, **extra) -> dict:
+    """What the rows were measured on (added to each row)."""
+    return {"machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
+            "load_average": round(os.getloadavg()[0], 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
+            "reps": reps, "date": datetime.date.today().isoformat(), **extra}
+
+
+def header(what: str, env: dict, settings: str) -> str:
+    """The table's first line."""
+    return (f"{what}; {env['machine']}, {env['threads']} threads, load average "
+            f"{env['load_average']} at the end, torch {env['torch']}, float32, one video, "
+            f"{env['reps']} interleaved repetitions: best (median); {settings}")
+
+
+TIMING_COLUMNS = ("visprune | original | speed-up | peak extra memory: visprune | original | "
+                  "(input)")
+TIMING_RULE = "|---" * 6
+
+
+def timing_cells(r: dict) -> str:
+    """A row's cells under :data:`TIMING_COLUMNS`."""
+    return (f"{fmt_time(r['visprune_ms'])} ({fmt_time(r['visprune_median_ms'])}) | "
+            f"{fmt_time(r['original_ms'])} ({fmt_time(r['original_median_ms'])}) | "
+            f"{r['speedup']:.2f}× ({r['speedup_median']:.2f}×) | "
+            f"{r['visprune_peak_MB']:.0f} MB | {r['original_peak_MB']:.0f} MB | "
+            f"{r['input_MB']:.0f} MB")
+
+
+def report(rows, env: dict, lines, args) -> None:
+    """Adds ``env`` to every row, prints the table ``lines`` and writes ``--json`` / ``--md``."""
+    for r in rows:
+        r.update(env)
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
+
+
+def main(argv=None):
+    args = parse(command_line(__doc__.splitlines()[0]), argv)
     rows = []
     for T, P, D in QUICK if args.quick else SHAPES:
         video = torch.randn(1, T, P, D, generator=torch.Generator().manual_seed(T + D))
@@ -95,50 +169,18 @@ def main(argv=None):
             n = int(mine.lengths[0])
             if not torch.equal(mine.indices[0, :n], theirs[1]):
                 raise SystemExit(f"{name} {T}x{P}x{D}: visprune and the original disagree")
-            t = measure({"visprune": lambda: ours(video), "original": lambda: original(video)},
-                        device, min_reps=args.reps, max_reps=args.reps)
-            best = {k: 1e3 * min(v.samples) for k, v in t.items()}
-            median = {k: 1e3 * v.median for k, v in t.items()}
-            rows.append({"method": name, "T": T, "P": P, "D": D, "B": 1, "kept": n,
-                         "visprune_ms": best["visprune"], "original_ms": best["original"],
-                         "speedup": best["original"] / best["visprune"],
-                         "visprune_median_ms": median["visprune"],
-                         "original_median_ms": median["original"],
-                         "speedup_median": median["original"] / median["visprune"],
-                         "visprune_peak_MB": peak_bytes(lambda: ours(video)) / 2**20,
-                         "original_peak_MB": peak_bytes(lambda: original(video)) / 2**20,
-                         "input_MB": video.numel() * video.element_size() / 2**20})
-            print(f"{name} {T}x{P} D={D}: {fmt_time(best['visprune'])} vs "
-                  f"{fmt_time(best['original'])}", file=sys.stderr)
-    env = {"machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
-           "load_average": round(os.getloadavg()[0], 1),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-           "reps": args.reps, "date": datetime.date.today().isoformat(), "rate": RATE,
-           "dycoke_k": DYCOKE_K}
-    for r in rows:
-        r.update(env)
-    lines = [f"Video methods against their originals' code paths; {env['machine']}, "
-             f"{env['threads']} threads, load average {env['load_average']} at the end, torch "
-             f"{env['torch']}, float32, one video, {args.reps} interleaved repetitions: best "
-             f"(median); q = {RATE} (EVS, VidCom2), k = {DYCOKE_K} (DyCoke)", "",
-             "| method | T × P | D | kept | visprune | original | speed-up | peak extra memory: "
-             "visprune | original | (input) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['T']} × {r['P']} | {r['D']} | {r['kept']} | "
-                     f"{fmt_time(r['visprune_ms'])} ({fmt_time(r['visprune_median_ms'])}) | "
-                     f"{fmt_time(r['original_ms'])} ({fmt_time(r['original_median_ms'])}) | "
-                     f"{r['speedup']:.2f}× ({r['speedup_median']:.2f}×) | "
-                     f"{r['visprune_peak_MB']:.0f} MB | {r['original_peak_MB']:.0f} MB | "
-                     f"{r['input_MB']:.0f} MB |")
-    table = "\n".join(lines)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(table + "\n")
+            r = timed_row(lambda: ours(video), lambda: original(video), video, args.reps,
+                          method=name, T=T, P=P, D=D, B=1, kept=n)
+            rows.append(r)
+            print(f"{name} {T}x{P} D={D}: {fmt_time(r['visprune_ms'])} vs "
+                  f"{fmt_time(r['original_ms'])}", file=sys.stderr)
+    env = environment(args.reps, rate=RATE, dycoke_k=DYCOKE_K)
+    lines = [header("Video methods against their originals' code paths", env,
+                    f"q = {RATE} (EVS, VidCom2), k = {DYCOKE_K} (DyCoke)"), "",
+             f"| method | T × P | D | kept | {TIMING_COLUMNS} |", "|---" * 4 + TIMING_RULE + "|"]
+    lines += [f"| {r['method']} | {r['T']} × {r['P']} | {r['D']} | {r['kept']} | "
+              f"{timing_cells(r)} |" for r in rows]
+    report(rows, env, lines, args)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,31 @@ def test_bench_method_vs_original(method, capsys):
     bench.main(["--device", "cpu", "--reps", "1"])
     table = capsys.readouterr().out
     assert table.count("\n| 1 |") == 1 and table.count("\n| 8 |") == 1, table
+
+
+@pytest.mark.parametrize("script,column,values", [
+    ("bench_video_methods", "method", ["evs", "vidcom2", "dycoke"]),
+    ("bench_fastvid", "variant", ["llava_onevision", "qwen2_5_vl"]),
+    ("bench_prunevid", "method", ["prunevid"]),
+    ("bench_holitom", "setting", ["defaults", "d=0.5"]),
+])
+def test_video_benchmarks_quick(script, column, values, tmp_path):
+    """benchmarks/<script>.py on a tiny video: each method keeps its original's tokens (the
+    script exits otherwise), and every row has times, a speed-up from them, peak memory and the
+    machine."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(script, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--reps", "2", "--json", str(tmp_path / "rows.json"),
+                 "--md", str(tmp_path / "rows.md")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r[column] for r in rows] == values
+    for r in rows:
+        assert r["visprune_ms"] > 0 and r["original_ms"] > 0 and r["kept"] > 0
+        assert math.isclose(r["speedup"], r["original_ms"] / r["visprune_ms"])
+        assert r["visprune_peak_MB"] >= 0 and r["original_peak_MB"] >= 0
+        assert r["reps"] == 2 and r["machine"] and r["torch"] == torch.__version__
+    assert len((tmp_path / "rows.md").read_text().splitlines()) == 4 + len(rows)

@@ -7,9 +7,6 @@ static tokens in their window's first frame) must be identical, in the original'
 tokens within fp32 tolerance of the float64 ones.
 """
 import importlib
-import importlib.util
-import json
-import pathlib
 import random
 
 import pytest
@@ -304,19 +301,3 @@ def test_bad_arguments_are_refused_before_any_work(kw, error, match, monkeypatch
 def test_bad_videos_are_refused(video, match):
     with pytest.raises((ValueError, TypeError), match=match):
         prunevid(video)
-
-
-def test_benchmark_runs(tmp_path):
-    """benchmarks/bench_prunevid.py on a tiny video: visprune gives the original's positions
-    (the script exits otherwise), and the row has times, a speed-up and peak memory."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prunevid.py"
-    spec = importlib.util.spec_from_file_location("bench_prunevid", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--reps", "2", "--json", str(tmp_path / "rows.json")])
-    rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["method"] for r in rows] == ["prunevid"]
-    for r in rows:
-        assert r["visprune_ms"] > 0 and r["original_ms"] > 0 and r["kept"] > 0
-        assert r["speedup"] == r["original_ms"] / r["visprune_ms"]
-        assert r["visprune_peak_MB"] >= 0 and r["original_peak_MB"] >= 0

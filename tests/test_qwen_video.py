@@ -393,6 +393,23 @@ def _manual_merged(model, inputs, kept, tokens):
     return model.lm_head(out.last_hidden_state)
 
 
+def _matches_each_video_alone(model, inputs, kept, logits, alone):
+    """Per video, the integration kept what ``alone(v, video[T, P, D])`` (the method on that
+    video alone, a ``PruneResult`` of one row) keeps, and the logits are the hand-run model's
+    on its tokens at their positions.  Returns how many tokens the videos kept in all."""
+    tokens = []
+    for v, video in enumerate(_videos(model, inputs)):
+        res = alone(v, video)
+        n = int(res.lengths[0])
+        idx, order = res.indices[0, :n].sort()
+        assert kept[v].tolist() == idx.tolist()
+        tokens.append(res.tokens[0, :n][order])
+    with torch.no_grad():
+        manual = _manual_merged(model, inputs, kept, tokens)
+    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+    return sum(len(t) for t in tokens)
+
+
 @pytest.mark.skipif(HAS_FASTVID, reason="visprune.methods has FastVID: the stub is not needed")
 def test_merged_tokens_enter_at_their_anchors_positions_with_a_stub(qwen25, monkeypatch):
     """FastVID is not in this installation: a stub with its signature that merges stands in.
@@ -440,18 +457,13 @@ def test_fastvid_on_each_video_with_its_saliency(qwen25):
         logits = model(**inputs).logits
         kept = [k.clone() for k in h.kept]
     grids = inputs["video_grid_thw"]
-    tokens = []
-    for v, (video, pixels) in enumerate(zip(
-            _videos(model, inputs), inputs["pixel_values_videos"].split(grids.prod(-1).tolist()))):
-        sal = _fastvid_transliteration(model, pixels, grids[v:v + 1])
-        res = methods.fastvid(video[None], sal[None], variant="qwen2_5_vl", r=0.5)
-        n = int(res.lengths[0])
-        idx, order = res.indices[0, :n].sort()
-        assert kept[v].tolist() == idx.tolist()
-        tokens.append(res.tokens[0, :n][order])
-    with torch.no_grad():
-        manual = _manual_merged(model, inputs, kept, tokens)
-    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+    pixels = inputs["pixel_values_videos"].split(grids.prod(-1).tolist())
+
+    def alone(v, video):
+        sal = _fastvid_transliteration(model, pixels[v], grids[v:v + 1])
+        return methods.fastvid(video[None], sal[None], variant="qwen2_5_vl", r=0.5)
+
+    _matches_each_video_alone(model, inputs, kept, logits, alone)
 
 
 @pytest.mark.skipif(hasattr(methods, "holitom"), reason="visprune.methods has HoliTom")
@@ -495,20 +507,14 @@ def test_holitom_on_each_video_with_the_attention_received(qwen25, options):
     assert torch.equal(cached, uncached)
     grids = inputs["video_grid_thw"]
     pixels = inputs["pixel_values_videos"].split(grids.prod(-1).tolist())
-    tokens = []
-    for v, video in enumerate(_videos(model, inputs)):
+
+    def alone(v, video):
         T, P, _ = video.shape
         attn = _tower_attention(model, pixels[v], grids[v:v + 1]).view(1, T, P)
-        res = methods.holitom(video[None], attn, retain_ratio=0.5, **options)
-        n = int(res.lengths[0])
-        idx, order = res.indices[0, :n].sort()
-        assert kept[v].tolist() == idx.tolist()
-        tokens.append(res.tokens[0, :n][order])
-    assert sum(len(k) for k in kept) < sum(v.shape[0] * v.shape[1]
-                                           for v in _videos(model, inputs))
-    with torch.no_grad():
-        manual = _manual_merged(model, inputs, kept, tokens)
-    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+        return methods.holitom(video[None], attn, retain_ratio=0.5, **options)
+
+    assert _matches_each_video_alone(model, inputs, kept, logits, alone) < sum(
+        v.shape[0] * v.shape[1] for v in _videos(model, inputs))
 
 
 @pytest.mark.parametrize("keep", [0.5, 10])
@@ -527,21 +533,15 @@ def test_prunevid_on_each_video(qwen25, keep):
         cached = model.generate(**inputs, max_new_tokens=3, **GREEDY)
         uncached = model.generate(**inputs, max_new_tokens=3, use_cache=False, **GREEDY)
     assert torch.equal(cached, uncached)
-    tokens = []
-    for v, video in enumerate(_videos(model, inputs)):
+
+    def alone(v, video):
         T, P, _ = video.shape
         ratio = video_parameter("prunevid", keep, T, P)
         assert ratio == (keep if isinstance(keep, float) else min(1.0, keep / (T * P)))
-        res = methods.prunevid(video[None], cluster_ratio=ratio, **options)
-        n = int(res.lengths[0])
-        idx, order = res.indices[0, :n].sort()
-        assert kept[v].tolist() == idx.tolist()
-        tokens.append(res.tokens[0, :n][order])
-    assert sum(len(k) for k in kept) < sum(v.shape[0] * v.shape[1]
-                                           for v in _videos(model, inputs))
-    with torch.no_grad():
-        manual = _manual_merged(model, inputs, kept, tokens)
-    torch.testing.assert_close(logits, manual, rtol=1e-4, atol=1e-5)
+        return methods.prunevid(video[None], cluster_ratio=ratio, **options)
+
+    assert _matches_each_video_alone(model, inputs, kept, logits, alone) < sum(
+        v.shape[0] * v.shape[1] for v in _videos(model, inputs))
 
 
 def test_merging_video_methods_are_refused_on_qwen3():
