@@ -5,9 +5,9 @@ The references are computed outside the integration: each method called on one v
 features alone (``get_video_features``), the language model run by hand on the kept tokens with
 the positions ``get_rope_index`` gives the *unpruned* prompt (Qwen3-VL: its deepstack features
 at the kept tokens), and FastVID's saliency transliterated statement by statement from its
-Qwen2.5-VL code.  FastVID and HoliTom plug in through the same table; where this installation's
-:mod:`visprune.methods` lacks FastVID, a stub that merges tokens stands in for it (the tests
-say which)."""
+Qwen2.5-VL code.  FastVID, HoliTom and PruneVid plug in through the same table: each is tested
+with the real method, and stubs with FastVID's and HoliTom's signatures check what the
+integration passes them and that it places tokens by their indices."""
 import math
 
 import pytest
@@ -266,7 +266,9 @@ def test_bad_settings_are_refused_at_enable_and_the_model_still_works(model):
         (dict(method="evs", keep=4, frames=[2]), TypeError,
          "evs takes no argument\\(s\\) \\['frames'\\]"),
         (dict(method="dycoke", keep=4, stage1_keep=0.8), TypeError,
-         "dycoke takes no argument\\(s\\) \\['stage1_keep'\\]"),
+         "dycoke takes no argument\\(s\\) \\['stage1_keep'\\]; its options are "
+         "\\['backend', 'k'\\]"),                  # per_frame is not one of them
+        (dict(method="evs", q=None), ValueError, "evs's q must be a number .* got None"),
     ]
     if isinstance(model, transformers.Qwen3VLForConditionalGeneration):
         cases.append((dict(method="fastvid", keep=0.25), ValueError,
@@ -410,10 +412,10 @@ def _matches_each_video_alone(model, inputs, kept, logits, alone):
     return sum(len(t) for t in tokens)
 
 
-@pytest.mark.skipif(HAS_FASTVID, reason="visprune.methods has FastVID: the stub is not needed")
 def test_merged_tokens_enter_at_their_anchors_positions_with_a_stub(qwen25, monkeypatch):
-    """FastVID is not in this installation: a stub with its signature that merges stands in.
-    The stub receives each video's merged features (two videos with 6 tokens a frame batched
+    """A stub with FastVID's signature that merges stands in for it: its tokens come in
+    descending position order, so the integration must place each by its index, not by its
+    rank.  The stub receives each video's merged features (two videos with 6 tokens a frame batched
     with ``frames=``), ``variant="qwen2_5_vl"``, ``r`` from ``keep`` and the saliency, which is
     FastVID's own (transliterated) on each video; the merged tokens enter the language model
     at their anchors' original positions (logits equal the hand-run model), and generate()
@@ -466,10 +468,8 @@ def test_fastvid_on_each_video_with_its_saliency(qwen25):
     _matches_each_video_alone(model, inputs, kept, logits, alone)
 
 
-@pytest.mark.skipif(hasattr(methods, "holitom"), reason="visprune.methods has HoliTom")
 def test_holitom_entry_gets_the_attention_received_with_a_stub(qwen25, monkeypatch):
-    """HoliTom is not in this installation: a stub with its signature stands in (it keeps
-    frame 0 whole).  It receives ``retain_ratio`` from ``keep`` and, per merged token, the mean
+    """A stub with HoliTom's signature stands in for it (it keeps frame 0 whole).  It receives ``retain_ratio`` from ``keep`` and, per merged token, the mean
     attention received in the tower's last block (as the tower's eager weights give it)."""
     calls = []
 

@@ -6,9 +6,9 @@
   ``vispruner``, ``cdpruner``) prune each image's tokens between the projector and the language
   model: LLaVA-1.5 / LLaVA-NeXT in :mod:`.llava`, Qwen2.5-VL / Qwen3-VL (images and videos,
   original M-RoPE positions kept) in :mod:`.qwen`;
-* video methods (``evs``, ``vidcom2``, ``dycoke``; ``fastvid`` and ``holitom`` where
-  :mod:`visprune.methods` has them) prune each video's merged tokens on Qwen2.5-VL / Qwen3-VL
-  (:mod:`.qwen`; the table and the budget mapping in :mod:`.video`);
+* video methods (``evs``, ``vidcom2``, ``dycoke``, ``fastvid``, ``holitom``, ``prunevid``)
+  prune each video's merged tokens on Qwen2.5-VL / Qwen3-VL (the merging ones on Qwen2.5-VL;
+  :mod:`.qwen`; the table and the budget mapping in :mod:`.video`);
 * in-LLM methods (``fastv``, ``fitprune``, ``dart``) prune visual tokens between decoder layers,
   with the layers' own SDPA/eager attention (:mod:`.inllm`).
 """

@@ -30,8 +30,8 @@ What each method reads (the towers have no CLS token):
 * ``prumerge`` and ``visionzip`` are refused: they synthesise (merge) tokens, which have no
   original M-RoPE position, and their merge keys are defined on CLIP's CLS layer.
 
-Video methods (``evs``, ``vidcom2``, ``dycoke``; ``fastvid``, ``holitom`` where
-:mod:`visprune.methods` has them; the table and the ``keep`` mapping in :mod:`.video`) prune
+Video methods (``evs``, ``vidcom2``, ``dycoke``, ``fastvid``, ``holitom``, ``prunevid``; the
+merging ones on Qwen2.5-VL only; the table and the ``keep`` mapping in :mod:`.video`) prune
 each video's merged tokens as ``[T, P, D]`` (``T`` the grid's ``t``, ``P = (h/m)(w/m)``); images
 pass whole, ``per_frame=True`` is refused.  ``keep`` per video maps to the method's own budget
 parameter, which may be given instead.  The method's tokens go in the order of their positions,
@@ -184,8 +184,11 @@ class QwenPruningHandle(PromptPruning):
                              f"(the method's result carries no assignment to merge them with); "
                              f"use one of {[m for m, e in VIDEO_METHODS.items() if not e.merges]}")
         fn, supplied = video_function(method)
-        method_function(method, kwargs, supplied, extra=("per_frame",))
+        method_function(method, kwargs, supplied)
         own = entry.parameter
+        if own in kwargs and kwargs[own] is None:
+            raise ValueError(f"{method}'s {own} must be a number (it sets the budget), got None; "
+                             f"give keep or a value for {own}")
         if keep is not None and own in kwargs:
             raise ValueError(f"{method} takes keep or its own {own}, not both: got keep={keep!r} "
                              f"and {own}={kwargs[own]!r}")
