@@ -319,3 +319,57 @@ def test_targets_are_judged_from_the_measured_rows(tmp_path):
     assert "5 ok, 1 mismatch" in text and "(incomplete)" in text
     assert "mismatch: divprune [] tiny bfloat16 cuda: output.indices: differs" in text
     assert "## Ops" not in summary.summarize(state, short=True)
+
+
+# --------------------------------------------------------------------------- transformers overlay
+def _wheel(folder: pathlib.Path, name: str, version: str) -> pathlib.Path:
+    """A minimal pure-Python wheel of a package ``name`` whose ``__version__`` is ``version``."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": f"__version__ = {version!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_overlay_installs_the_carried_transformers_first_on_the_path(tmp_path, monkeypatch,
+                                                                     capsys):
+    """An installed transformers older than the integrations need: the carried wheel goes into
+    the overlay, and every command's environment imports it first; without wheels the check
+    says the end-to-end rows will fail and goes on; a recent one needs nothing."""
+    versions = {"transformers": "5.17.0", "packaging": "24.0", "vpstandin": None}
+    monkeypatch.setattr(check, "_version", versions.get)
+    assert check.overlay(tmp_path) == 0
+    assert "the end-to-end rows will fail" in capsys.readouterr().out
+    assert not (tmp_path / check.OVERLAY).exists()
+
+    (tmp_path / check.WHEELS).mkdir()
+    _wheel(tmp_path / check.WHEELS, "packaging", "0.1")     # older than the installed one: left
+    _wheel(tmp_path / check.WHEELS, "vpstandin", "1.0")     # not installed: goes in
+    assert check.overlay(tmp_path) == 0
+    assert "no transformers wheel" in capsys.readouterr().out
+    assert not (tmp_path / check.OVERLAY).exists()
+    _wheel(tmp_path / check.WHEELS, "transformers", "99.1.0")
+    assert check.overlay(tmp_path) == 0
+    assert ("installed ['transformers-99.1.0-py3-none-any.whl', "
+            "'vpstandin-1.0-py3-none-any.whl']") in capsys.readouterr().out
+    assert not (tmp_path / check.OVERLAY / "packaging").exists()
+    env = check.child_env(gpu=True, root=tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / check.OVERLAY)
+    got = subprocess.run([sys.executable, "-c", "import transformers as t; print(t.__version__,"
+                          " t.__file__)"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert got[0] == "99.1.0" and got[1].startswith(str(tmp_path / check.OVERLAY))
+
+    monkeypatch.setattr(check, "_version", lambda package: "5.25.0")
+    assert check.overlay(tmp_path) == 0
+    assert "no overlay needed" in capsys.readouterr().out
+    assert "PYTHONPATH" not in check.child_env(gpu=True, root=tmp_path / "elsewhere") or \
+        str(tmp_path) not in check.child_env(gpu=True, root=tmp_path / "elsewhere")["PYTHONPATH"]

@@ -16,6 +16,16 @@ JSON it wrote) and ``logs.txt`` (every command's log, in order), rewritten after
 in ``$OUT`` when that variable is set (a lease copies back at most 8 files), else in
 ``--out`` or ``benchmarks/results/gpu-<date>/``.  Intermediate files go to a temporary folder.
 
+**transformers.**  The model integrations need transformers >= 5.23 (``mm_encoder_outputs``);
+the GPU machine's may be older and it has no package registry.  Before the lease, on a machine
+with one, ``--fetch-wheels`` downloads the wheels of :data:`WHEEL_PINS` (pure Python, ~14 MB)
+into ``.gpu_wheels/``; the lease carries that folder, and the build stage's first command
+(``--overlay``) installs them without dependencies into ``.gpu_overlay/`` when the installed
+transformers is older (huggingface_hub only where the installed one is older than the wheel),
+which every later command then has first on its ``PYTHONPATH``.  With a recent enough
+transformers it does nothing; without wheels it says that the end-to-end rows will fail, and the
+rest runs.
+
 ``--dry-run`` (CI, no GPU) prints the plan and checks it: the budgets sum to at most 480 s (or
 ``--budget``), every script a command runs exists and parses (``bash -n``, Python's ``compile``),
 every Python driver answers ``--help`` / ``--plan``, every external module imports; exit status
@@ -48,6 +58,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOTAL_BUDGET = 480          # seconds: a lease's 10-minute command, less the machine's start
 GRACE = 5                   # seconds between SIGTERM and SIGKILL
 SANITIZER = "compute-sanitizer"
+WHEELS = ".gpu_wheels"      # carried to the lease: transformers (+ huggingface_hub) wheels
+OVERLAY = ".gpu_overlay"    # where --overlay installs them; first on every command's path
+TRANSFORMERS = (5, 23)      # the oldest transformers the integrations work with
+# what --fetch-wheels downloads: the transformers the vLLM environment pins, and the oldest
+# huggingface_hub it accepts (hub 2.x needs httpx2, which an older machine will not have)
+WHEEL_PINS = ("transformers==5.24.0", "huggingface_hub==1.31.0")
 
 
 @dataclass
@@ -123,14 +139,17 @@ def plan(root: pathlib.Path, has_xdist: bool, kernel_filter: List[str]) -> List[
                                       "{work}/machine.json"], 12,
                           probe=[py, "scripts/gpu/check.py", "--help"],
                           output="machine.json")]),
-        Stage("build", "everything after needs it: the package installed without the "
+        Stage("build", "everything after needs it: a carried transformers where the "
+              "machine's is too old for the integrations, the package installed without the "
               "extension first (seconds; later stages run even if the build is cut), then the "
               "extension for sm_90 only, one compile job per core", [
+                  Command("transformers", [py, "scripts/gpu/check.py", "--overlay"], 10,
+                          probe=[py, "scripts/gpu/check.py", "--help"]),
                   Command("install", [py, "-m", "pip", "install", "--no-deps",
                                       "--no-build-isolation", "--disable-pip-version-check",
-                                      "--root-user-action=ignore", "-e", "."], 25,
+                                      "--root-user-action=ignore", "-e", "."], 20,
                           env={"VISPRUNE_NO_EXT": "1"}),
-                  Command("extension", [py, "setup.py", "build_ext", "--inplace"], 90,
+                  Command("extension", [py, "setup.py", "build_ext", "--inplace"], 85,
                           env={"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count())})]),
         Stage("correct", "the biggest unknown (no kernel has run on a GPU): first every op and "
               "method on every backend against the reference at odd shapes and LLaVA's, "
@@ -266,7 +285,7 @@ def dry_run(stages: List[Stage], root: pathlib.Path, py: str, total: int) -> int
                 started.add(tuple(c.probe))
                 argv = [fill(a, py, work) for a in c.probe]
                 probes.append((f"{stage.name}/{c.label}", argv, subprocess.Popen(
-                    argv, cwd=root, env=child_env(gpu=False), stdout=subprocess.DEVNULL,
+                    argv, cwd=root, env=child_env(gpu=False, root=root), stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, text=True)))
     for what, argv, proc in probes:       # started side by side: each imports torch
         _, err = proc.communicate()
@@ -284,8 +303,11 @@ def dry_run(stages: List[Stage], root: pathlib.Path, py: str, total: int) -> int
 
 
 # --------------------------------------------------------------------------- running
-def child_env(gpu: bool) -> Dict[str, str]:
+def child_env(gpu: bool, root: pathlib.Path = ROOT) -> Dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if (root / OVERLAY).is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(root / OVERLAY)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if gpu:
         # compiled Triton kernels, never the interpreter (CI's setting, if inherited)
         env.pop("TRITON_INTERPRET", None)
@@ -319,7 +341,7 @@ def run_command(c: Command, argv: List[str], root: pathlib.Path, log_path: str,
         log.write(f"$ {' '.join(f'{k}={v}' for k, v in c.env.items())} "
                   f"{' '.join(shlex.quote(a) for a in argv)}\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=root, env=dict(child_env(gpu=True), **c.env),
+        proc = subprocess.Popen(argv, cwd=root, env=dict(child_env(gpu=True, root=root), **c.env),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=limit)
@@ -489,6 +511,59 @@ def machine_info(path: str) -> int:
 
 
 # --------------------------------------------------------------------------- main
+def _version(package: str) -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str, parts: int = 2) -> tuple:
+    return tuple(int(v) for v in re.findall(r"\d+", version)[:parts])
+
+
+def fetch_wheels(root: pathlib.Path) -> int:
+    """Downloads :data:`WHEEL_PINS` as wheels into ``WHEELS`` (run where a package registry is
+    reachable, before a lease that carries the folder)."""
+    return subprocess.call([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                            "--disable-pip-version-check", "-d", str(root / WHEELS),
+                            *WHEEL_PINS])
+
+
+def _wanted(wheel: pathlib.Path) -> bool:
+    """Whether a carried wheel goes into the overlay: transformers always (the caller decided),
+    another package where the installed one is missing or older than the wheel."""
+    name, version = wheel.name.split("-")[:2]
+    if name == "transformers":
+        return True
+    have = _version(name)
+    return have is None or _release(have, 3) < _release(version, 3)
+
+
+def overlay(root: pathlib.Path, force: bool = False) -> int:
+    """Installs the carried wheels into ``OVERLAY`` when the installed transformers is older
+    than :data:`TRANSFORMERS` (``force``: whatever it is); says what it did."""
+    have = _version("transformers")
+    need = ".".join(map(str, TRANSFORMERS))
+    if have is not None and _release(have) >= TRANSFORMERS and not force:
+        print(f"transformers {have} >= {need}: no overlay needed")
+        return 0
+    carried = sorted((root / WHEELS).glob("*.whl"))
+    wheels = [str(w) for w in carried if _wanted(w)]
+    if not any(w.name.startswith("transformers-") for w in carried):
+        print(f"transformers {have} < {need} and no transformers wheel in {WHEELS}/: the "
+              f"end-to-end rows will fail (carry {WHEELS}/, made by `check.py --fetch-wheels`)")
+        return 0
+    code = subprocess.call([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
+                            "--upgrade", "--disable-pip-version-check",
+                            "--root-user-action=ignore", "--target", str(root / OVERLAY),
+                            *wheels])
+    print(f"transformers {have}: installed {[pathlib.Path(w).name for w in wheels]} into "
+          f"{OVERLAY}/ (exit {code}); later commands import from it first")
+    return code
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -499,10 +574,19 @@ def main(argv=None) -> int:
                                                "benchmarks/results/gpu-<date>)")
     p.add_argument("--dry-run", action="store_true", help="print and check the plan; run nothing")
     p.add_argument("--root", default=str(ROOT), help="the checkout the commands run in")
+    p.add_argument("--fetch-wheels", action="store_true",
+                   help=f"download {' and '.join(WHEEL_PINS)} into {WHEELS}/ for a lease to "
+                        f"carry; run nothing else")
+    p.add_argument("--overlay", action="store_true",
+                   help=f"install the wheels of {WHEELS}/ into {OVERLAY}/ if the installed "
+                        f"transformers is older than {'.'.join(map(str, TRANSFORMERS))}")
     p.add_argument("--machine-info", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.machine_info:
         return machine_info(args.machine_info)
+    if args.fetch_wheels or args.overlay:
+        root = pathlib.Path(args.root).resolve()
+        return fetch_wheels(root) if args.fetch_wheels else overlay(root)
     if args.budget < 60:
         p.error("--budget must be at least 60 s")
     root = pathlib.Path(args.root).resolve()
