@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .mi_scores import token_stats
-from .utils import block, cosine, interpreting, on_device
+from .utils import block, cosine, interpreting, on_device, tile_dots
 
 GRAM_MAX_N = 4096                  # above this the S rows are computed on the fly
 GRAM_BUDGET_BYTES = 1 << 30        # S workspace per batch chunk
@@ -50,21 +50,8 @@ def _cosine_gram_kernel(x_ptr, sx_b, sx_n, sx_d, inv_ptr, sim_ptr, N, D,
     o_j = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_i = o_i < N
     m_j = o_j < N
-    o_d = tl.arange(0, BLOCK_D)
-    p_x = x_ptr + b * sx_b
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        m_d = (d0 + o_d) < D
-        b_a = tl.load(p_x + o_i[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                      mask=m_i[:, None] & m_d[None, :], other=0.0)
-        b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)
-        if INTERPRETED:
-            # The interpreter's tl.dot rounds by a row's place in the tile; this sum rounds every
-            # (i, j) alike, as the GPU's matrix instructions do (identical tokens must tie).
-            acc += tl.sum(b_a.to(tl.float32)[:, None, :] * b_b.to(tl.float32)[None, :, :], axis=2)
-        else:
-            acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
+    acc = tile_dots(x_ptr + b * sx_b, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED, BLOCK,
+                    BLOCK, BLOCK_D)
     n_i = tl.load(inv_ptr + b * N + o_i, mask=m_i, other=0.0)
     n_j = tl.load(inv_ptr + b * N + o_j, mask=m_j, other=0.0)
     tl.store(sim_ptr + b * N * N + o_i[:, None] * N + o_j[None, :],

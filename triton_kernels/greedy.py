@@ -35,7 +35,7 @@ from visprune.common import segment_ids
 
 from .mi_scores import text_summary, token_stats
 from .utils import (COSINE, MAXMIN, METRICS, OBJECTIVES, block, clamp_distance, cosine,
-                    interpreting, on_device, segment as _segment, warps)
+                    interpreting, on_device, segment as _segment, tile_dots, warps)
 
 GRAM_MAX_N = 4096                  # the in-register running vector of one program
 GRAM_BUDGET_BYTES = 1 << 30        # distance-matrix workspace per batch chunk
@@ -83,7 +83,6 @@ def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, par
     o_i = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
     m_i = o_i < n
-    o_d = tl.arange(0, BLOCK_D)
     if IS_VARLEN:
         p_x = x_ptr + bos * sx_n
         p_dist = dist_ptr + tl.load(doff_ptr + b)
@@ -98,22 +97,8 @@ def _dist_tile_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cand_ptr, dist_ptr, par
     for jb in range(split, tl.cdiv(n, BLOCK_N), num_splits):
         o_j = (jb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_j = o_j < n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            m_d = (d0 + o_d) < D
-            b_a = tl.load(p_x + o_i[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                          mask=m_i[:, None] & m_d[None, :], other=0.0)
-            b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                          mask=m_j[:, None] & m_d[None, :], other=0.0)
-            if INTERPRETED:
-                # The interpreter's tl.dot is a BLAS call whose rounding depends on a row's place
-                # in the tile, which would break exact ties between duplicate tokens; this sum
-                # rounds every (i, j) alike, as the GPU's matrix instructions do.
-                acc += tl.sum(b_a.to(tl.float32)[:, None, :] * b_b.to(tl.float32)[None, :, :],
-                              axis=2)
-            else:
-                # True fp32 for fp32 tokens (TF32 flips choices); fp16/bf16 use the tensor cores.
-                acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
+        acc = tile_dots(p_x, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED, BLOCK_M, BLOCK_N,
+                        BLOCK_D)
         n_j = tl.load(norm_ptr + bos + o_j, mask=m_j, other=0.0)
         d = _distance(acc, n_i[:, None], n_j[None, :], METRIC)
         if STORE:

@@ -74,3 +74,26 @@ def on_device(launcher):
         return launcher(x, *args, **kwargs)
     guarded.device_guarded = True
     return guarded
+
+
+@triton.jit
+def tile_dots(p_x, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` fp32 dot products of the rows ``o_i`` and ``o_j`` of ``p_x``
+    (masked rows give 0), over ``D`` in ``BLOCK_D`` slices: true fp32 for fp32 tokens (TF32
+    flips choices), the tensor cores for fp16/bf16."""
+    o_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        m_d = (d0 + o_d) < D
+        b_a = tl.load(p_x + o_i[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+                      mask=m_i[:, None] & m_d[None, :], other=0.0)
+        b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
+                      mask=m_j[:, None] & m_d[None, :], other=0.0)
+        if INTERPRETED:
+            # The interpreter's tl.dot rounds by a row's place in the tile (a BLAS call): this sum
+            # rounds every pair alike, as the GPU's matrix instructions do, so copies tie exactly.
+            acc += tl.sum(b_a.to(tl.float32)[:, None, :] * b_b.to(tl.float32)[None, :, :], axis=2)
+        else:
+            acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
+    return acc

@@ -28,31 +28,10 @@ import triton.language as tl
 from visprune.common import descending_order, segment_ids
 
 from .mi_scores import token_stats
-from .utils import (COSINE, EPS, L2, METRICS, block, clamp_distance, cosine, interpreting,
-                    on_device, segment, warps)
+from .utils import (COSINE, EPS, METRICS, block, clamp_distance, cosine, interpreting,
+                    on_device, segment, tile_dots, warps)
 
 BLOCK_TILE = 64           # tokens per side of a distance tile (columns; rows: _tile_rows)
-
-
-@triton.jit
-def _dots(p_x, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` dot products of the rows ``o_i`` and ``o_j`` of ``p_x``."""
-    o_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        m_d = (d0 + o_d) < D
-        b_a = tl.load(p_x + o_i[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                      mask=m_i[:, None] & m_d[None, :], other=0.0)
-        b_b = tl.load(p_x + o_j[:, None] * sx_n + (d0 + o_d)[None, :] * sx_d,
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)
-        if INTERPRETED:
-            # The interpreter's tl.dot rounds by a row's place in the tile (a BLAS call): this sum
-            # rounds every pair alike, as the GPU's matrix instructions do, so copies tie exactly.
-            acc += tl.sum(b_a.to(tl.float32)[:, None, :] * b_b.to(tl.float32)[None, :, :], axis=2)
-        else:
-            acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision="ieee")
-    return acc
 
 
 @triton.jit
@@ -61,7 +40,7 @@ def _dpc_tile(p_x, o_i, m_i, sq_i, cls_i, o_j, m_j, sq_ptr, cls_ptr, bos, sx_n, 
               BLOCK_D: tl.constexpr):
     """DPC-kNN's squared distances of a tile: ``||x_i||² + ||x_j||² - 2 x_i·x_j`` clamped to
     ``[0, inf]``, exactly 0 between tokens of one class."""
-    dots = _dots(p_x, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+    dots = tile_dots(p_x, o_i, m_i, o_j, m_j, sx_n, sx_d, D, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
     sq_j = tl.load(sq_ptr + bos + o_j, mask=m_j, other=0.0)
     cls_j = tl.load(cls_ptr + bos + o_j, mask=m_j, other=-1)
     d = clamp_distance(sq_i[:, None] + sq_j[None, :] - 2.0 * dots)
@@ -206,7 +185,7 @@ def _nearest_kernel(x_ptr, sx_b, sx_n, sx_d, norm_ptr, cls_ptr, cand_ptr, ctr_pt
         o_s = s0 + o_l
         m_s = o_s < nc
         o_j = tl.load(ctr_ptr + c0 + o_s, mask=m_s, other=0)
-        dots = _dots(p_x, o_i, m_i, o_j, m_s, sx_n, sx_d, D, INTERPRETED, BLOCK_M, BLOCK_N,
+        dots = tile_dots(p_x, o_i, m_i, o_j, m_s, sx_n, sx_d, D, INTERPRETED, BLOCK_M, BLOCK_N,
                      BLOCK_D)
         n_j = tl.load(norm_ptr + bos + o_j, mask=m_s, other=0.0)
         if METRIC == COSINE:
